@@ -51,12 +51,12 @@ block_size = 128  # context length: how many previous characters the model can s
 dropout = 0.0  # small models trained for minutes underfit, so dropout only slows them down
 use_sdpa = True  # fused F.scaled_dot_product_attention; False runs the hand-written attention
 # optimisation
-batch_size = 16  # sequences per micro-step (per process under torchrun)
+batch_size = 8  # sequences per micro-step (per process under torchrun)
 grad_accum = 1  # micro-steps per optimizer step; batch_size * grad_accum sequences per step
 learning_rate = 3e-3  # peak learning rate; tiny models tolerate a high one
 min_lr = 3e-4  # the cosine decay ends here (1/10 of the peak, as in Chinchilla)
 warmup_iters = 100  # linear warmup steps: Adam's statistics are poor for the first steps
-weight_decay = 0.1  # applied to 2-D weights only (matmuls, embeddings), not to biases or norms
+weight_decay = 0.1  # applied to 2-D weights only (matmuls, embeddings), not to LayerNorm gains
 beta2 = 0.99  # Adam's second-moment decay; 0.99 suits small batches better than 0.999
 grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
 train_seconds = 255.0  # wall-clock training budget; the schedule decays over it (0 = use max_iters)
@@ -72,6 +72,7 @@ temperature = 0.8  # < 1 sharpens the distribution, > 1 flattens it, 0 = greedy
 top_k = 0  # sample only from the k most likely characters (0 = off)
 top_p = 1.0  # sample from the smallest set whose probability reaches p (1.0 = off)
 sample_seed = 42  # seed for sampling, so the same checkpoint writes the same text
+use_cache = True  # KV cache: each new character costs one position; False recomputes the context (same text)
 # system
 checkpoint = "out/gpt.pt"  # where the best model is saved, resumed and sampled from
 resume = False  # continue training from `checkpoint`
@@ -193,8 +194,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.use_sdpa = config.use_sdpa
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)  # queries, keys and values in one matmul
-        self.proj = nn.Linear(config.n_embd, config.n_embd)  # mixes the heads back into the residual stream
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # queries, keys and values in one matmul
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # mixes the heads back into the residual stream
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -211,15 +212,17 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)  # (B, nh, L, hs)
             cache["k"], cache["v"] = k, v
         L = k.size(2)
-        # query t (which sits at key position L - T + t) may see keys 0 .. L - T + t
-        mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(diagonal=L - T)  # (T, L), True = may attend
-        if self.use_sdpa:
+        # The causal mask, True = may attend: query t sits at key position L - T + t and sees keys 0 .. L - T + t.
+        # A single new query (sampling with the cache) may see every key, so it needs no mask.
+        mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(diagonal=L - T) if T > 1 else None  # (T, L)
+        if self.use_sdpa:  # without a cache, is_causal lets the fused kernel skip the masked half
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=None if T == L else mask, is_causal=T == L,
+                q, k, v, attn_mask=None if T == L else mask, is_causal=T == L > 1,
                 dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, L): how much each query likes each key
-            att = att.masked_fill(~mask, float("-inf"))  # the future is hidden
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))  # the future is hidden
             att = F.softmax(att, dim=-1)  # (B, nh, T, L), each row sums to 1
             att = self.attn_dropout(att)
             y = att @ v  # (B, nh, T, hs): a weighted sum of the values
@@ -232,8 +235,8 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -245,9 +248,9 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln1 = nn.LayerNorm(config.n_embd, bias=False)
         self.attn = CausalSelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.ln2 = nn.LayerNorm(config.n_embd, bias=False)
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None):
@@ -265,17 +268,16 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)  # where it is: learned, one vector per position
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # weight tying: reading and writing a character share one vector
-        # GPT-2 init: N(0, 0.02) everywhere, and the layers that write into the residual stream
-        # scaled by 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth
+        # GPT-2 init: N(0, 0.02) for every matrix, and the layers that write into the residual stream
+        # scaled by 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth.
+        # There are no biases: the LayerNorms re-centre anyway, and leaving them out saves time.
         for name, p in self.named_parameters():
             if p.dim() == 2:
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("proj.weight") else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
 
     def forward(self, idx, targets=None, caches=None):
         """idx (B, T) of token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
@@ -294,7 +296,7 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         return logits, loss
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
         """Yield max_new_tokens new token ids after the prompt idx (1, T), one at a time.
 
@@ -368,12 +370,13 @@ def autocast_for(device, dtype):
 
 
 def make_optimizer(model, cfg, device):
-    """AdamW that decays the 2-D weights (matmuls, embeddings) but not biases and LayerNorm gains."""
+    """AdamW that decays the 2-D weights (matmuls, embeddings) but not the LayerNorm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.startswith("cuda")  # one kernel for the whole update
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), fused=fused)
+    # update all tensors at once: one fused kernel on CUDA, batched ("foreach") ops elsewhere
+    batched = {"fused": True} if device.startswith("cuda") else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), **batched)
 
 
 def lr_at(step, progress, cfg):
@@ -620,11 +623,14 @@ def write_sample(model, tokenizer, cfg):
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.sample_seed)
     model.eval()
     print(cfg.prompt, end="", flush=True)
-    chars = []
-    for token in model.generate(context, cfg.num_chars, cfg.temperature, cfg.top_k, cfg.top_p, generator=generator):
+    chars, t0 = [], time.time()
+    for token in model.generate(context, cfg.num_chars, cfg.temperature, cfg.top_k, cfg.top_p,
+                                use_cache=cfg.use_cache, generator=generator):
         chars.append(tokenizer.decode([token]))
         print(chars[-1], end="", flush=True)
-    print()
+    seconds = time.time() - t0
+    print(f"\n({len(chars)} characters in {seconds:.1f}s, {len(chars) / max(seconds, 1e-9):,.0f} chars/s, "
+          f"KV cache {'on' if cfg.use_cache else 'off'})")
     return "".join(chars)
 
 
