@@ -403,11 +403,9 @@ def load_task(cfg, src_tokens=None, tgt_tokens=None):
     tgt_tok = Tokenizer(tgt_tokens, words) if tgt_tokens else Tokenizer.build([t for _, t in train], words, count)
 
     # Sources end with <eos> too: a landmark at the end to count from (reverse needs one)
-    def encode(pairs):  # sorted by length, for get_batch
+    def encode(pairs):
         encoded = [(src_tok.encode(s) + [EOS], [BOS] + tgt_tok.encode(t) + [EOS]) for s, t in pairs]
-        encoded = [(s, t) for s, t in encoded if len(s) <= cfg.block_size and len(t) <= cfg.block_size]
-        random.Random(cfg.seed).shuffle(encoded)  # spa.txt lists similar sentences together; batches should mix them
-        return sorted(encoded, key=lambda pair: (len(pair[0]), len(pair[1])))
+        return [(s, t) for s, t in encoded if len(s) <= cfg.block_size and len(t) <= cfg.block_size]
 
     data = {"train": encode(train), "val": encode(heldout), "heldout": heldout, "references": references}
     if cfg.task != "translate" and len(data["train"]) < len(train):
@@ -425,10 +423,12 @@ def collate(pairs, pad=PAD):
 
 
 def get_batch(pairs, batch_size, generator):
-    """batch_size examples of about the same length, padded. `pairs` is sorted by length, so a window
-    of it wastes little work on padding; the window starts anywhere, so every batch is different."""
-    start = torch.randint(max(len(pairs) - batch_size, 0) + 1, (1,), generator=generator).item()
-    return collate(pairs[start:start + batch_size])
+    """batch_size examples drawn at random, padded to the longest of them. Batches of similar lengths
+    would waste less work on padding, but such batches are alike (all short sums, all long strings)
+    and their gradients pull in turns: on `add` that gave 54% exact match after 100 s of training,
+    random batches give 95% after 40 s."""
+    ix = torch.randint(len(pairs), (batch_size,), generator=generator).tolist()
+    return collate([pairs[i] for i in ix])
 
 # -----------------------------------------------------------------------------
 # Model
