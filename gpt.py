@@ -660,8 +660,9 @@ def main(argv):
     val_loss = evaluate_all(model, splits["val"], cfg.block_size, cfg.device, autocast)
     print(f"val loss over the whole validation split: {val_loss:.4f} nats/char "
           f"(best checkpoint, step {ckpt['step']}); run took {format_time(time.time() - t_start)}")
-    print("-" * 60)
-    write_sample(model, tokenizer, cfg)
+    if cfg.num_chars > 0:
+        print("-" * 60)
+        write_sample(model, tokenizer, cfg)
 
 
 if __name__ == "__main__":

@@ -399,11 +399,11 @@ class ViT(nn.Module):
 
 
 def choose_device(name):
-    """CUDA, then Apple's MPS, then the CPU; under torchrun each process takes its own GPU."""
+    """CUDA, then Apple's MPS, then the CPU."""
     if name != "auto":
         return name
     if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return "cuda"
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
