@@ -142,7 +142,8 @@ def parse_args(argv):
             try:
                 config[name] = type(default)(text)
             except ValueError:
-                raise UserError(f"--{name} expects a {type(default).__name__}, got {text!r}") from None
+                kind = {int: "a whole number", float: "a number"}.get(type(default), "text")
+                raise UserError(f"--{name} expects {kind}, got {text!r}") from None
     return SimpleNamespace(**config)  # cfg.n_layer reads like the constant it came from
 
 

@@ -201,7 +201,7 @@ def test_gpt_bad_command_line_is_one_clear_line(args, words):
 
 
 def test_gpt_bad_inputs_raise_user_errors(shakespeare, tmp_path):
-    with pytest.raises(gpt.UserError, match="--n_layer expects a int, got 'six'"):
+    with pytest.raises(gpt.UserError, match="--n_layer expects a whole number, got 'six'"):
         gpt.parse_args(["--n_layer=six"])
     with pytest.raises(gpt.UserError, match="expects true or false"):
         gpt.parse_args(["--resume=maybe"])
