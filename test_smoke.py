@@ -542,6 +542,14 @@ def test_vit_random_shift_moves_whole_images_by_at_most_shift_pixels():
     assert set(rows.tolist()) == set(range(11, 16)) and set(cols.tolist()) == set(range(11, 16))
 
 
+def test_vit_dataset_defaults_apply_unless_the_command_line_sets_them():
+    assert vit.settings([]).shift == vit.shift
+    fashion = vit.settings(["--dataset=fashion"])
+    assert fashion.shift == vit.DATASET_DEFAULTS["fashion"]["shift"] != vit.shift
+    assert fashion.data_dir == "data/fashion" and fashion.checkpoint == "out/vit-fashion.pt"
+    assert vit.settings(["--dataset=fashion", "--shift=2"]).shift == 2
+
+
 def test_vit_idx_reader_parses_images_and_labels(tmp_path):
     images, labels = vit_synthetic_images(5)
     vit_write_idx(tmp_path / "img.gz", images)
