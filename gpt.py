@@ -1,24 +1,21 @@
-"""
-gpt.py - a character-level GPT, written out in one file you can read top to bottom.
+"""gpt.py - a character-level GPT, written out in one file you can read top to bottom.
 
-It learns to write Shakespeare one character at a time: the decoder-only Transformer of
-GPT-2 (token + position embeddings, pre-norm blocks of causal self-attention and an MLP,
-a final LayerNorm and an output head tied to the token embedding), trained with AdamW,
-warmup and cosine decay, and sampled with a KV cache.
+It learns to write Shakespeare one character at a time with a decoder-only Transformer:
+causal self-attention with rotary positions, RMSNorm, a ReLU² MLP, trained with Muon and
+AdamW on a warmup-stable-decay schedule, and sampled with a KV cache. Each modern choice is
+one constant below; flip them all back and you have GPT-2 (2019).
 
     pip install -r requirements.txt
     python gpt.py                           # train ~4.5 minutes on a laptop CPU, then write
     python gpt.py --n_layer=6 --n_embd=192  # any constant below can be overridden like this
-    python gpt.py --sample_only --prompt="Romeo:" --num_chars=1000
+    python gpt.py --infer --prompt="ROMEO:" --num_chars=1000   # sample from the checkpoint
     python gpt.py --resume                  # continue from the best checkpoint
     torchrun --nproc_per_node=2 gpt.py      # data-parallel over 2 processes (GPUs or CPU)
-    python gpt.py --help                    # every constant with its comment
+    python gpt.py --help                    # every constant with its value and comment
+    main(n_layer=2)                         # in a notebook, after pasting this file in a cell
 
-What you should see: a header (parameters, device, data), a progress line every few
-seconds (step, loss, ms/step, tokens/s, ETA), the train/val loss every `eval_interval`
-steps, a loss curve drawn in the terminal, the validation loss over the whole validation
-split (about 1.78 nats per character after 4.5 minutes on a 2-core CPU), and a Shakespeare-
-like sample streamed character by character.
+You should see progress lines with an ETA, the losses and a one-line sample at every
+evaluation, a loss curve, the loss over the whole validation split, then a sample.
 
 Shapes in the comments: B = batch, T = time (sequence length), C = channels (n_embd),
 nh = number of heads, hs = head size (C // nh), V = vocabulary size, L = length of the
@@ -26,10 +23,12 @@ keys (T, or the cached length plus T while sampling).
 """
 
 import contextlib
+import linecache
 import math
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -39,10 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# Hyperparameters (override any of them on the command line: --name=value)
+# Hyperparameters (edit them here, or override one run: --name=value)
 # data
-input_file = "input.txt"  # any UTF-8 text; looked up in the current folder, then beside this script
-val_fraction = 0.1  # the last 10% of the text is held out to measure generalisation
+input_file = "input.txt"  # any UTF-8 text; Tiny Shakespeare by default
+val_fraction = 0.1  # the last 10% of the text is held out (a fraction: the text is one stream)
 # model
 n_layer = 4  # number of Transformer blocks
 n_head = 4  # attention heads per block; each head sees n_embd // n_head channels
@@ -50,20 +49,30 @@ n_embd = 128  # width of the residual stream
 block_size = 128  # context length: how many previous characters the model can see
 dropout = 0.0  # small models trained for minutes underfit, so dropout only slows them down
 use_sdpa = True  # fused F.scaled_dot_product_attention; False runs the hand-written attention
+# the modern recipe: set all five to the value in brackets and you have GPT-2
+rope = True  # rotary positions: relative, nothing to learn [False: a learned vector per position]
+norm = "rms"  # RMSNorm: scale only, no mean to subtract ["layer": LayerNorm]
+mlp = "relu2"  # ReLU squared: sparse and sharp ["gelu"]
+qk_norm = True  # normalise queries and keys per head: bounded scores allow high learning rates
+tie_weights = False  # untied, zero-initialised output layers [True: head shares the embedding]
 # optimisation
-batch_size = 8  # sequences per micro-step (per process under torchrun)
+optimizer = "muon"  # Muon for the hidden matrices, AdamW for the rest ["adamw": AdamW for all]
+batch_size = 16  # sequences per micro-step (per process under torchrun)
 grad_accum = 1  # micro-steps per optimizer step; batch_size * grad_accum sequences per step
-learning_rate = 3e-3  # peak learning rate; tiny models tolerate a high one
-min_lr = 3e-4  # the cosine decay ends here (1/10 of the peak, as in Chinchilla)
+learning_rate = 6e-3  # AdamW's peak learning rate; tiny models tolerate a high one
+muon_lr = 0.025  # Muon's peak learning rate (its updates are orthogonalised: another scale)
+min_lr = 6e-4  # the schedule ends at this (1/10 of the peak); Muon's ends at the same fraction
+schedule = "wsd"  # warmup, stable at the peak, then a linear decay ["cosine": GPT-2's]
+decay_fraction = 0.4  # wsd: the last 40% of training decays to min_lr
 warmup_iters = 100  # linear warmup steps: Adam's statistics are poor for the first steps
-weight_decay = 0.1  # applied to 2-D weights only (matmuls, embeddings), not to LayerNorm gains
+weight_decay = 0.1  # AdamW's decay, on 2-D weights only (matmuls, embeddings), not norm gains
 beta2 = 0.99  # Adam's second-moment decay; 0.99 suits small batches better than 0.999
 grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
-train_seconds = 255.0  # wall-clock training budget; the schedule decays over it (0 = use max_iters)
+train_seconds = 255.0  # wall-clock training budget; the schedule runs over it (0 = max_iters)
 max_iters = 5000  # optimizer steps, used when train_seconds = 0
 # evaluation and logging
-eval_interval = 500  # estimate train/val loss (and maybe save) every this many steps
-eval_iters = 20  # batches per loss estimate
+eval_interval = 500  # estimate train/val loss, print a sample line, maybe save: every N steps
+eval_iters = 20  # batches per loss estimate while training (the final one reads the whole split)
 log_interval = 100  # print a progress line every this many steps
 # sampling
 prompt = "\n"  # text the sample starts from
@@ -72,78 +81,31 @@ temperature = 0.8  # < 1 sharpens the distribution, > 1 flattens it, 0 = greedy
 top_k = 0  # sample only from the k most likely characters (0 = off)
 top_p = 1.0  # sample from the smallest set whose probability reaches p (1.0 = off)
 sample_seed = 42  # seed for sampling, so the same checkpoint writes the same text
-use_cache = True  # KV cache: each new character costs one position; False recomputes the context (same text)
+use_cache = True  # KV cache: each new character costs one position; False recomputes (same text)
 # system
-checkpoint = "out/gpt.pt"  # where the best model is saved, resumed and sampled from
+checkpoint = "out/gpt.pt"  # the best model is saved here; an earlier file is kept as gpt.1.pt
 resume = False  # continue training from `checkpoint`
-sample_only = False  # load `checkpoint` and write a sample, without training
+infer = False  # load `checkpoint` and write a sample from `prompt`, without training
 device = "auto"  # auto = cuda, then mps, then cpu; or name one
 dtype = "auto"  # auto = bfloat16 on CUDA (float16 if unsupported), float32 elsewhere
 compile = False  # torch.compile the model: faster steps after a slow first one
 seed = 1337  # seed for initialisation and batches
 # -----------------------------------------------------------------------------
-
-
-class UserError(Exception):
-    """Something the user can fix: printed as one line, without a traceback."""
-
-
-def hyperparameters():
-    """The constants above as {name: (value, comment)}, read from this file so --help shows the same words."""
-    with open(__file__, encoding="utf-8") as f:
-        source = f.read()
-    section = source.split("# Hyperparameters", 1)[1].split("# ------", 1)[0]
-    return {name: (globals()[name], comment)
-            for name, comment in re.findall(r"^(\w+) = .*?  # (.*)$", section, re.MULTILINE)}
-
-
-def parse_args(argv):
-    """Turn ['--n_layer=6', '--resume'] into a config namespace, checking every name and type."""
-    params = hyperparameters()
-    if "--help" in argv or "-h" in argv:
-        print(f"usage: python {os.path.basename(__file__)} [--name=value ...]\n")
-        for name, (value, comment) in params.items():
-            print(f"  --{name}={value!r:<14} {comment}")
-        sys.exit(0)
-    config = {name: value for name, (value, _) in params.items()}
-    for arg in argv:
-        name, has_value, text = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or name not in config:
-            raise UserError(f"unknown option {arg!r}; valid options: --{', --'.join(config)} (see --help)")
-        default = config[name]
-        if isinstance(default, bool):
-            if not has_value:
-                text = "true"  # a bare --resume means --resume=true
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise UserError(f"--{name} expects true or false, got {text!r}")
-            config[name] = text.lower() in ("true", "1")
-        else:
-            try:
-                config[name] = type(default)(text)
-            except ValueError:
-                kind = {int: "a whole number", float: "a number"}.get(type(default), "text")
-                raise UserError(f"--{name} expects {kind}, got {text!r}") from None
-    return SimpleNamespace(**config)  # cfg.n_layer reads like the constant it came from
-
-# -----------------------------------------------------------------------------
 # Data and tokenizer
 
-
 def read_text(path):
-    """The training text. Relative paths are tried in the current folder, then beside this script."""
-    if not os.path.isabs(path) and not os.path.exists(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    """The training text, or one clear line saying why it cannot be read."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"input file {path!r} not found; pass any UTF-8 text with --input_file=PATH") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"input file {path!r} not found; pass a UTF-8 text with "
+                        f"--input_file=PATH (run from the folder that holds input.txt)") from None
     except UnicodeDecodeError:
         raise UserError(f"input file {path!r} is not UTF-8 text") from None
-    if len(text) < 100:
-        raise UserError(f"input file {path!r} holds {len(text)} characters; give it at least a few thousand")
+    if len(text) < 1000:
+        raise UserError(f"input file {path!r} holds {len(text)} characters; give it thousands")
     return text
-
 
 class Tokenizer:
     """Characters to integers and back: the vocabulary is every character the text contains."""
@@ -162,7 +124,6 @@ class Tokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
-
 def get_batch(data, block_size, batch_size, generator):
     """batch_size random windows of the text: x is the input, y the same window shifted by one."""
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
@@ -174,7 +135,6 @@ def get_batch(data, block_size, batch_size, generator):
 # -----------------------------------------------------------------------------
 # Model
 
-
 @dataclass
 class GPTConfig:
     vocab_size: int
@@ -184,81 +144,100 @@ class GPTConfig:
     n_embd: int
     dropout: float = 0.0
     use_sdpa: bool = True
+    rope: bool = True
+    norm: str = "rms"
+    mlp: str = "relu2"
+    qk_norm: bool = True
+    tie_weights: bool = False
 
+def make_norm(kind, size):
+    """RMSNorm divides by the root mean square; LayerNorm also subtracts the mean first."""
+    return nn.RMSNorm(size) if kind == "rms" else nn.LayerNorm(size, bias=False)
+
+def rotate(x, positions, base=10000.0):
+    """Rotary positions: turn channel pair i of x (B, nh, T, hs) by position * base^(-2i/hs).
+    A query at position m and a key at n then meet at angle m - n: their score depends only on
+    the distance, and attention knows where each key is without a learned position vector."""
+    hs = x.size(-1)
+    speeds = base ** (-torch.arange(0, hs, 2, device=x.device) / hs)  # (hs/2,)
+    angles = positions[:, None].float() * speeds[None, :]  # (T, hs/2)
+    cos, sin = angles.cos(), angles.sin()  # (T, hs/2)
+    x1, x2 = x.float().chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2): the pairs are (x1[i], x2[i])
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)  # (B, nh, T, hs)
 
 class CausalSelfAttention(nn.Module):
     """Every position looks at itself and the positions before it, through n_head heads at once."""
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
-        self.n_head = config.n_head
-        self.use_sdpa = config.use_sdpa
+        self.n_head, self.use_sdpa, self.rope = config.n_head, config.use_sdpa, config.rope
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # queries, keys and values in one matmul
-        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # mixes the heads back into the residual stream
+        hs = config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # heads back to the stream
+        self.q_norm = make_norm(config.norm, hs) if config.qk_norm else nn.Identity()
+        self.k_norm = make_norm(config.norm, hs) if config.qk_norm else nn.Identity()
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, positions, cache=None):
         B, T, C = x.shape
         nh, hs = self.n_head, C // self.n_head
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        q = self.q_norm(q.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_norm(k.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.rope:  # positions enter here, in q and k only
+            q, k = rotate(q, positions), rotate(k, positions)  # (B, nh, T, hs)
         if cache is not None:  # sampling: prepend the keys and values of the earlier positions
             if cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, nh, L, hs)
                 v = torch.cat([cache["v"], v], dim=2)  # (B, nh, L, hs)
             cache["k"], cache["v"] = k, v
         L = k.size(2)
-        # The causal mask, True = may attend: query t sits at key position L - T + t and sees keys 0 .. L - T + t.
-        # A single new query (sampling with the cache) may see every key, so it needs no mask.
-        mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(diagonal=L - T) if T > 1 else None  # (T, L)
+        # The causal mask, True = may attend: query t sits at key position L - T + t and sees keys
+        # 0 .. L - T + t. A single new query (sampling with the cache) sees every key: no mask.
+        mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T) if T > 1 else None
         if self.use_sdpa:  # without a cache, is_causal lets the fused kernel skip the masked half
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if T == L else mask, is_causal=T == L > 1,
                 dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         else:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, L): how much each query likes each key
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, L): query-key affinities
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))  # the future is hidden
             att = F.softmax(att, dim=-1)  # (B, nh, T, L), each row sums to 1
-            att = self.attn_dropout(att)
-            y = att @ v  # (B, nh, T, hs): a weighted sum of the values
+            y = self.attn_dropout(att) @ v  # (B, nh, T, hs): a weighted sum of the values
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C), heads side by side again
         return self.resid_dropout(self.proj(y))  # (B, T, C)
 
-
 class MLP(nn.Module):
-    """Each position thinks on its own: widen 4x, GELU, narrow back."""
+    """Each position thinks on its own: widen 4x, a nonlinearity, narrow back."""
 
     def __init__(self, config):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.act = (lambda h: F.relu(h).square()) if config.mlp == "relu2" else F.gelu
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x))))  # (B, T, C)
-
+        return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, C)
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln1 = make_norm(config.norm, config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln2 = make_norm(config.norm, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln1(x), cache)  # (B, T, C): positions talk to each other
+    def forward(self, x, positions, cache=None):
+        x = x + self.attn(self.ln1(x), positions, cache)  # (B, T, C): positions talk to each other
         x = x + self.mlp(self.ln2(x))  # (B, T, C): each position computes alone
         return x
-
 
 class GPT(nn.Module):
 
@@ -266,45 +245,55 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)  # what the character is
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)  # where it is: learned, one vector per position
+        # where it is: with rotary positions attention handles that, else one learned vector each
+        self.pos_emb = None if config.rope else nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
+        self.ln_f = make_norm(config.norm, config.n_embd)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight  # weight tying: reading and writing a character share one vector
-        # GPT-2 init: N(0, 0.02) for every matrix, and the layers that write into the residual stream
-        # scaled by 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth.
-        # There are no biases: the LayerNorms re-centre anyway, and leaving them out saves time.
+        if config.tie_weights:  # reading and writing a character share one vector
+            self.head.weight = self.tok_emb.weight
+        # GPT-2 init: N(0, 0.02) for every matrix, and the layers that write into the residual
+        # stream scaled by 1/sqrt(2 * n_layer), so the stream's variance does not grow with depth.
+        # Untied, those layers and the head start at zero instead: every block starts as the
+        # identity and the first prediction is uniform (loss ln V), and training grows them.
         for name, p in self.named_parameters():
             if p.dim() == 2:
+                writes = name.endswith("proj.weight") or name == "head.weight"
                 std = 0.02 / math.sqrt(2 * config.n_layer) if name.endswith("proj.weight") else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
+                nn.init.normal_(p, mean=0.0, std=0.0 if writes and not config.tie_weights else std)
 
     def forward(self, idx, targets=None, caches=None):
-        """idx (B, T) of token ids -> logits (B, T, V), and the mean cross-entropy if targets are given.
-        With caches (one dict per block), idx holds only the new positions; earlier ones come from the cache."""
+        """idx (B, T) of token ids -> logits and the mean cross-entropy if targets are given.
+        With targets: logits (B, T, V). Without (sampling): only the last position's, (B, 1, V).
+        With caches (one dict per block), idx holds only the new positions."""
         B, T = idx.shape
-        start = caches[0]["k"].size(2) if caches and caches[0] else 0  # positions already in the cache
-        assert start + T <= self.config.block_size, f"sequence of {start + T} exceeds block_size"
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        start = caches[0]["k"].size(2) if caches and caches[0] else 0  # positions already cached
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} exceeds block_size {self.config.block_size}")
+        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)  # (B, T, C)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches is not None else None)  # (B, T, C)
+            x = block(x, positions, caches[i] if caches is not None else None)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
         if targets is None:
-            return self.head(x), None  # (B, T, V)
+            return self.head(x[:, -1:, :]), None  # (B, 1, V): only the last one predicts the next
         logits = self.head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         return logits, loss
 
     @torch.inference_mode()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
+                 generator=None):
         """Yield max_new_tokens new token ids after the prompt idx (1, T), one at a time.
 
         The context is at most block_size long. When it is full we keep its last half, so the
         cache is refilled once every block_size // 2 characters and every other character costs
-        one position of model work. Without the cache the same window is recomputed at every step,
-        so both ways see the same context and write the same text.
+        one position of model work. Without the cache the same window is recomputed at every
+        step, so both ways see the same context and write the same text.
         """
         keep = self.config.block_size // 2
         idx = idx[:, -self.config.block_size:]
@@ -317,16 +306,15 @@ class GPT(nn.Module):
                 new = idx
             elif caches is None:
                 caches = [{} for _ in self.blocks]
-            logits, _ = self(new, caches=caches if use_cache else None)
-            logits = logits[:, -1, :].float()  # (1, V): only the last position predicts the next character
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (1, 1)
+            logits, _ = self(new, caches=caches if use_cache else None)  # (1, 1, V)
+            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             idx = torch.cat([idx, next_id], dim=1)  # (1, T + 1)
             new = next_id
             yield next_id.item()
 
-
 def sample_next(logits, temperature, top_k, top_p, generator):
-    """Pick the next token from logits (1, V): greedy at temperature 0, else sample from the trimmed softmax."""
+    """Pick the next token from logits (1, V): greedy at temperature 0, else sample the trimmed
+    softmax."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (1, 1)
     logits = logits / temperature
@@ -335,8 +323,9 @@ def sample_next(logits, temperature, top_k, top_p, generator):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)  # (1, V)
-        before = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1) - F.softmax(sorted_logits, dim=-1)
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # keep the most likely until p
+        probs = F.softmax(sorted_logits, dim=-1)  # (1, V)
+        before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
     probs = F.softmax(logits, dim=-1)  # (1, V)
     return torch.multinomial(probs, num_samples=1, generator=generator)  # (1, 1)
@@ -344,17 +333,364 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 # -----------------------------------------------------------------------------
 # Training
 
+def lr_at(step, progress, cfg):
+    """The learning-rate multiplier, 0..1: linear warmup for warmup_iters steps, then by
+    progress (0 -> 1): wsd holds the peak and decays linearly over the last decay_fraction;
+    cosine decays all the way. Both end at min_lr / learning_rate."""
+    floor = cfg.min_lr / cfg.learning_rate
+    if step < cfg.warmup_iters:
+        return (step + 1) / cfg.warmup_iters
+    progress = min(progress, 1.0)
+    if cfg.schedule == "wsd":
+        decay = max(0.0, (progress - (1 - cfg.decay_fraction)) / cfg.decay_fraction)  # 0 -> 1
+        return 1 - (1 - floor) * decay
+    return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * progress))
+
+def make_optimizers(model, cfg):
+    """AdamW decays the 2-D weights but not the norm gains. With optimizer=muon, the matrices
+    inside the blocks go to Muon instead, which orthogonalises each update: every direction of
+    the matrix moves by the same amount, so rarely-used directions learn as fast as the rest."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = [p for name, p in model.named_parameters() if name.startswith("blocks.")
+              and p.dim() == 2] if cfg.optimizer == "muon" else []
+    adam = [p for p in params if all(p is not h for h in hidden)]
+    groups = [{"params": [p for p in adam if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in adam if p.dim() < 2], "weight_decay": 0.0}]
+    # update all tensors at once: one fused kernel on CUDA, batched ("foreach") ops elsewhere
+    batched = {"fused": True} if cfg.device.startswith("cuda") else {"foreach": True}
+    optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), **batched)]
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=0.0))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]  # lr_at scales this peak
+    return optimizers
+
+def train_step(model, optimizers, scaler, autocast, batches, cfg):
+    """One optimizer step: forward and backward over the micro-batches, clip, update.
+    model(*batch) returns (output, loss). Returns the loss of the last micro-batch."""
+    for i, batch in enumerate(batches):
+        # under DDP, average gradients across processes only on the last micro-step
+        last = i == len(batches) - 1
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with sync, autocast:
+            _, loss = model(*batch)
+        scaler.scale(loss / len(batches)).backward()
+    for opt in optimizers:
+        scaler.unscale_(opt)  # the true gradients, for clipping
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    for opt in optimizers:
+        scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
+    scaler.update()
+    loss = loss.item()
+    if not math.isfinite(loss):
+        raise UserError(f"the loss diverged ({loss}); lower --learning_rate (now {cfg.learning_rate})"
+                        f" or raise --warmup_iters (now {cfg.warmup_iters})")
+    return loss
+
+@torch.no_grad()
+def estimate_loss(model, data, cfg, autocast, batches=None):
+    """Mean loss over windows of the split cut end to end: all of them (nats per character), or
+    `batches` batches of them spread evenly over it, the same ones at every call."""
+    model.eval()
+    n = (len(data) - 1) // cfg.block_size * cfg.block_size
+    x_all = data[:n].view(-1, cfg.block_size)  # (N, T)
+    y_all = data[1:n + 1].view(-1, cfg.block_size)  # (N, T)
+    if batches is not None and batches * cfg.batch_size < len(x_all):
+        pick = torch.linspace(0, len(x_all) - 1, batches * cfg.batch_size).long()
+        x_all, y_all = x_all[pick], y_all[pick]
+    total = 0.0
+    for i in range(0, len(x_all), 64):
+        x, y = x_all[i:i + 64].to(cfg.device), y_all[i:i + 64].to(cfg.device)
+        with autocast:
+            total += model(x, y)[1].item() * len(x)
+    model.train()
+    return total / len(x_all)
+
+def train(model, tokenizer, splits, cfg, ckpt=None):
+    """Train until the clock (or max_iters) runs out, saving the best model; -> (model, history)."""
+    ddp, rank, world = ddp_setup(cfg)
+    autocast, use_scaler = autocast_for(cfg.device, cfg.dtype)
+    optimizers = make_optimizers(model, cfg)
+    scaler = torch.amp.GradScaler(enabled=use_scaler)
+    generator = torch.Generator().manual_seed(cfg.seed + rank)  # each process its own batches
+    run = SimpleNamespace(step=0, seconds=0.0, best_val_loss=float("inf"), history=[])
+    if ckpt:
+        restore_training(ckpt, optimizers, generator, run, rank)
+    fast = torch.compile(model) if cfg.compile else model
+    if ddp:
+        ids = [cfg.device] if cfg.device.startswith("cuda") else None
+        fast = torch.nn.parallel.DistributedDataParallel(fast, device_ids=ids)
+    log = print if rank == 0 else (lambda *args, **kwargs: None)
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
+    budget = f"{cfg.train_seconds:.0f}s" if cfg.train_seconds else f"{cfg.max_iters} steps"
+    log(f"training for {budget}, {tokens_per_step:,} tokens per step"
+        + (f", resuming at step {run.step}" if ckpt else ""))
+
+    def state():
+        return checkpoint_state(model, optimizers, run, cfg, tokenizer, generator, ddp)
+
+    t_log, step_at_log, first_step = time.time(), run.step, run.step
+    try:
+        while True:
+            finished = all_agree(progress(run, cfg) >= 1.0, ddp, cfg.device)
+            if (run.step % cfg.eval_interval == 0 and run.step > first_step) or finished:
+                t_eval = time.time()
+                evaluate_and_save(model, tokenizer, splits, cfg, autocast, run, state(), rank == 0)
+                t_log += time.time() - t_eval  # evaluation time is not training speed
+            if finished:
+                break
+            t0 = time.time()
+            set_lr(optimizers, lr_at(run.step, progress(run, cfg), cfg))
+            batches = [[t.to(cfg.device) for t in get_batch(
+                splits["train"], cfg.block_size, cfg.batch_size, generator)]
+                for _ in range(cfg.grad_accum)]
+            loss = train_step(fast, optimizers, scaler, autocast, batches, cfg)
+            run.step += 1
+            run.seconds += time.time() - t0
+            if run.step % cfg.log_interval == 0:
+                per_step = (time.time() - t_log) / (run.step - step_at_log)
+                eta = (1 - progress(run, cfg)) * (cfg.train_seconds or cfg.max_iters * per_step)
+                log(progress_line(run.step, loss, optimizers[0].param_groups[0]["lr"], per_step,
+                                  tokens_per_step / per_step, "tok", eta))
+                t_log, step_at_log = time.time(), run.step
+    except KeyboardInterrupt:
+        log(f"\ninterrupted at step {run.step}; the best checkpoint (val loss "
+            f"{run.best_val_loss:.4f}) is kept at {cfg.checkpoint}")
+        raise
+    finally:
+        if ddp:
+            torch.distributed.destroy_process_group()
+    return model, run.history
+
+def evaluate_and_save(model, tokenizer, splits, cfg, autocast, run, state, master):
+    """Estimate both losses, save the model if validation improved, and show a line it writes."""
+    if not master:
+        return
+    losses = {name: estimate_loss(model, data, cfg, autocast, cfg.eval_iters)
+              for name, data in splits.items()}
+    run.history.append((run.step, losses["train"], losses["val"]))
+    note = ""
+    if losses["val"] < run.best_val_loss:
+        if run.best_val_loss == float("inf"):  # this run's first save: never lose an earlier one
+            keep_previous(cfg.checkpoint)
+        run.best_val_loss = losses["val"]
+        state.update(best_val_loss=run.best_val_loss, history=run.history)
+        save_checkpoint(cfg.checkpoint, state)
+        note = " (best, saved)"
+    line = sample_text(model, tokenizer, "\n", 80, cfg).replace("\n", " ")
+    print(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+          f"{note} | {line}")
+
+def set_lr(optimizers, factor):
+    for group in (group for opt in optimizers for group in opt.param_groups):
+        group["lr"] = group["peak_lr"] * factor
+
+def progress(run, cfg):
+    """How far training is, 0 -> 1: by the clock, or by steps when train_seconds = 0."""
+    return run.seconds / cfg.train_seconds if cfg.train_seconds else run.step / cfg.max_iters
+
+# -----------------------------------------------------------------------------
+# Evaluation and sampling
+
+def sample_text(model, tokenizer, prompt, n, cfg, stream=False):
+    """n characters after prompt, seeded so a checkpoint always writes the same text. With stream,
+    they are printed as they come, then the speed."""
+    context = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=cfg.device)
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.sample_seed)
+    threads, was_training, chars, t0 = torch.get_num_threads(), model.training, [], time.time()
+    if cfg.device == "cpu":  # one new position is too little work to share between cores: the
+        torch.set_num_threads(1)  # hand-off costs more than it saves (the cache runs ~1.35x faster)
+    model.eval()
+    for token in model.generate(context, n, cfg.temperature, cfg.top_k, cfg.top_p,
+                                use_cache=cfg.use_cache, generator=generator):
+        chars.append(tokenizer.decode([token]))
+        if stream:
+            print(chars[-1], end="", flush=True)
+    model.train(was_training)
+    torch.set_num_threads(threads)
+    seconds = time.time() - t0
+    if stream:
+        print(f"\n({n} characters in {seconds:.1f}s, {n / max(seconds, 1e-9):,.0f} chars/s, "
+              f"KV cache {'on' if cfg.use_cache else 'off'})")
+    return "".join(chars)
+
+def plot_losses(history, width=60, height=12):
+    """The train (.) and val (o) loss over the steps, drawn with characters any console prints."""
+    if len(history) < 2:
+        return ""
+    steps = [h[0] for h in history]
+    values = [v for h in history for v in h[1:]]
+    lo, hi = min(values), max(values)
+    grid = [[" "] * width for _ in range(height)]
+    for step, train_loss, val_loss in history:
+        col = round((step - steps[0]) / (steps[-1] - steps[0]) * (width - 1))
+        for value, mark in ((train_loss, "."), (val_loss, "o")):
+            grid[round((hi - value) / (hi - lo + 1e-9) * (height - 1))][col] = mark
+    lines = [f"{hi - (hi - lo) * r / (height - 1):6.2f} |" + "".join(row)
+             for r, row in enumerate(grid)]
+    left, right = f"step {steps[0]}", f"step {steps[-1]}"
+    lines += ["       +" + "-" * width, "        " + left + right.rjust(width - len(left))]
+    return "loss (. train, o val)\n" + "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# main
+
+CHOICES = {"norm": ("rms", "layer"), "mlp": ("relu2", "gelu"), "optimizer": ("muon", "adamw"),
+           "schedule": ("wsd", "cosine")}
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "rope", "norm", "mlp", "qk_norm",
+              "tie_weights")
+
+def main(argv=(), **overrides):
+    """Train, report and sample (or, with --infer, only sample from the checkpoint).
+    From a notebook: main(n_layer=2, train_seconds=30) or main(["--n_layer=2"]).
+    Returns model, tokenizer, history, val_loss, sample and cfg in one namespace."""
+    argv = list(argv) + [f"--{name}={value}" for name, value in overrides.items()]
+    wants_help = "--help" in argv or "-h" in argv
+    cfg, given = parse_args([a for a in argv if a not in ("--help", "-h")], hyperparameters())
+    if wants_help:  # the values this run would use, then stop
+        print(help_text(vars(cfg)))
+        return None
+    check_config(cfg)
+    cfg.device = choose_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    ckpt = load_checkpoint(cfg.checkpoint) if cfg.infer or cfg.resume else None
+    if ckpt:
+        restore_config(cfg, given, ckpt)
+    if cfg.infer:
+        tokenizer, model = Tokenizer(ckpt["data"]["chars"]), build_model(cfg, ckpt)
+        print(f"sampling from {cfg.checkpoint} (step {ckpt['step']}, "
+              f"val loss {ckpt['best_val_loss']:.4f})")
+        print(cfg.prompt, end="")
+        sample = sample_text(model, tokenizer, cfg.prompt, cfg.num_chars, cfg, stream=True)
+        return SimpleNamespace(model=model, tokenizer=tokenizer, sample=sample, cfg=cfg)
+    t_start = time.time()
+    text = read_text(cfg.input_file)
+    tokenizer = Tokenizer(ckpt["data"]["chars"] if ckpt else sorted(set(text)))
+    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
+    n_train = int(len(data) * (1 - cfg.val_fraction))  # the first 90% trains, as nanoGPT splits it
+    splits = {"train": data[:n_train], "val": data[n_train:]}
+    if min(len(s) for s in splits.values()) <= cfg.block_size:
+        raise UserError(f"{cfg.input_file!r} is too short for --block_size={cfg.block_size} and "
+                        f"--val_fraction={cfg.val_fraction}; use more text or smaller values")
+    check_writable(cfg.checkpoint)
+    model = build_model(cfg, ckpt, len(tokenizer.chars))
+    master = os.environ.get("RANK", "0") == "0"  # under torchrun, only the first process reports
+    if master:
+        print(f"gpt.py | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
+              f"device {cfg.device} x{os.environ.get('WORLD_SIZE', 1)} | dtype {cfg.dtype} | "
+              f"vocab {len(tokenizer.chars)} | {len(splits['train']):,} train / "
+              f"{len(splits['val']):,} val chars")
+    model, history = train(model, tokenizer, splits, cfg, ckpt)
+    if not master:
+        return None
+    best = load_checkpoint(cfg.checkpoint)  # finish with the best model, the one that was saved
+    model.load_state_dict(best["model"])
+    print(plot_losses(history))
+    val_loss = estimate_loss(model, splits["val"], cfg, autocast_for(cfg.device, cfg.dtype)[0])
+    print(f"val loss over the whole validation split: {val_loss:.4f} nats/char (best checkpoint, "
+          f"step {best['step']}); run took {format_time(time.time() - t_start)}")
+    sample = ""
+    if cfg.num_chars > 0:
+        print("-" * 60 + "\n" + cfg.prompt, end="")
+        sample = sample_text(model, tokenizer, cfg.prompt, cfg.num_chars, cfg, stream=True)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, history=history, val_loss=val_loss,
+                           sample=sample, cfg=cfg)
+
+# -----------------------------------------------------------------------------
+# Plumbing: command line, device and precision, checkpoints, torchrun.
+# A first reading can skip everything below.
+
+class UserError(Exception):
+    """Something the user can fix: printed as one line, without a traceback."""
+
+def in_notebook():
+    """True inside Jupyter or Colab, whose kernel's own arguments are not meant for us."""
+    return "ipykernel" in sys.modules or sys.argv[0].endswith("kernel_launcher.py")
+
+def hyperparameters():
+    """The constants at the top, as they are now: an edit made in a notebook cell counts."""
+    return {name: value for name, value in globals().items()
+            if name[:1].islower() and type(value) in (bool, int, float, str)}
+
+def help_text(defaults):
+    """Every option with the value this run would use and, when the source is at hand, its comment."""
+    source = "".join(linecache.getlines(help_text.__code__.co_filename))  # empty in an exec'd cell
+    found = re.findall(r"^\s*\"?(\w+)\"?\s*[=:] .*?  # (.*)$", source, re.MULTILINE)
+    comments = dict(reversed(found))  # the first comment of a name: the constant's, at the top
+    lines = [f"  --{name}={value!r:<{28 - len(name)}} {comments.get(name, '')}"
+             for name, value in defaults.items()]
+    return "options (the values this run would use):\n" + "\n".join(lines)
+
+def parse_args(argv, defaults):
+    """Turn ['--n_layer=6', '--resume'] into (config, names given), checking every name and type."""
+    config, given = dict(defaults), set()
+    for arg in argv:
+        name, has_value, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or name not in config:
+            raise UserError(f"unknown option {arg!r}; write --name=value with one of: "
+                            f"--{', --'.join(config)} (see --help)")
+        default = config[name]
+        if isinstance(default, bool):
+            text = text if has_value else "true"  # a bare --resume means --resume=true
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise UserError(f"--{name} expects true or false, got {text!r}")
+            config[name] = text.lower() in ("true", "1")
+        elif not has_value:
+            raise UserError(f"--{name} needs a value: write --{name}=VALUE, with '=' and no space")
+        else:
+            try:
+                config[name] = type(default)(text)
+            except ValueError:
+                kind = {int: "a whole number", float: "a number"}.get(type(default), "text")
+                raise UserError(f"--{name} expects {kind}, got {text!r}") from None
+        given.add(name)
+    return SimpleNamespace(**config), given  # cfg.n_layer reads like the constant it came from
+
+def check_config(cfg):
+    """Refuse, before any work, values that cannot run: one line naming the option and the fix."""
+    problems = [
+        (cfg.n_embd % cfg.n_head != 0, f"--n_embd={cfg.n_embd} is not a multiple of "
+         f"--n_head={cfg.n_head}; each head needs n_embd // n_head channels"),
+        (min(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.batch_size, cfg.grad_accum) < 1,
+         "--n_layer, --n_head, --n_embd, --batch_size and --grad_accum must be at least 1"),
+        (min(cfg.eval_interval, cfg.log_interval, cfg.eval_iters) < 1,
+         "--eval_interval, --log_interval and --eval_iters must be at least 1"),
+        (cfg.train_seconds <= 0 and cfg.max_iters <= 0,
+         "nothing to train: set --train_seconds=SECONDS, or --train_seconds=0 --max_iters=STEPS"),
+        (cfg.learning_rate <= 0 or cfg.warmup_iters < 0,
+         "--learning_rate must be above 0 and --warmup_iters at least 0"),
+        # gpt.py's own settings
+        (cfg.block_size < 2 or (cfg.rope and (cfg.n_embd // cfg.n_head) % 2),
+         "--block_size must be at least 2, and with --rope the head size must be even"),
+        (not 0 < cfg.val_fraction < 1, "--val_fraction must lie between 0 and 1"),
+        (cfg.temperature < 0, "--temperature must be 0 (greedy) or more"),
+        (not 0 < cfg.top_p <= 1, "--top_p must lie in (0, 1]: 1 keeps every character"),
+        (cfg.top_k < 0 or cfg.num_chars < 0, "--top_k and --num_chars must be 0 or more"),
+        (cfg.infer and not cfg.prompt, "--prompt is empty; give at least one character"),
+        (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must lie in (0, 1]"),
+    ] + [(getattr(cfg, name) not in choices, f"--{name} must be one of {', '.join(choices)}")
+         for name, choices in CHOICES.items()]
+    for bad, message in problems:
+        if bad:
+            raise UserError(message)
 
 def choose_device(name):
-    """CUDA, then Apple's MPS, then the CPU; under torchrun each process takes its own GPU."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
+    """CUDA, then Apple's MPS, then the CPU; a named device must exist on this machine."""
+    if name == "auto":
+        if torch.cuda.is_available():  # under torchrun each process takes its own GPU
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    kind = name.split(":")[0]
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if kind not in available:
+        raise UserError(f"--device={name} is not a device; use auto, cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise UserError(f"--device={name}, but this machine has no {kind.upper()}; use --device=auto")
+    return name
 
 def autocast_for(device, dtype):
     """The mixed-precision context for the forward pass, and whether fp16 needs a GradScaler."""
@@ -369,307 +705,127 @@ def autocast_for(device, dtype):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)), dtype == "float16"
 
+def ddp_setup(cfg):
+    """Under torchrun: join the process group (nccl on GPUs, gloo on CPUs). -> (ddp, rank, world)."""
+    if "RANK" not in os.environ:
+        return False, 0, 1
+    torch.distributed.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+    if cfg.device.startswith("cuda"):
+        torch.cuda.set_device(cfg.device)
+    return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
-def make_optimizer(model, cfg, device):
-    """AdamW that decays the 2-D weights (matmuls, embeddings) but not the LayerNorm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # update all tensors at once: one fused kernel on CUDA, batched ("foreach") ops elsewhere
-    batched = {"fused": True} if device.startswith("cuda") else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), **batched)
+def all_agree(flag, ddp, device):
+    """Every process must stop at the same step, so under DDP rank 0's clock decides."""
+    if not ddp:
+        return flag
+    flag = torch.tensor([float(flag)], device=device)
+    torch.distributed.broadcast(flag, 0)
+    return bool(flag.item())
 
+def build_model(cfg, ckpt=None, vocab_size=None):
+    """The model the settings describe, with the checkpoint's weights if there is one."""
+    vocab_size = len(ckpt["data"]["chars"]) if ckpt else vocab_size
+    config = GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout,
+                       cfg.use_sdpa, cfg.rope, cfg.norm, cfg.mlp, cfg.qk_norm, cfg.tie_weights)
+    model = GPT(config)
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError("the checkpoint's weights do not fit this model; "
+                            "was it written by another version of gpt.py?") from None
+    return model.to(cfg.device)
 
-def lr_at(step, progress, cfg):
-    """Linear warmup for warmup_iters steps, then cosine decay to min_lr as progress goes 0 -> 1."""
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_iters
-    return cfg.min_lr + 0.5 * (cfg.learning_rate - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+def check_writable(path):
+    """Fail now, before training, not at the first save, if `path` cannot be written."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise UserError(f"--checkpoint={path} is a folder; name a file in it, "
+                        f"e.g. {os.path.join(path, 'model.pt')}")
+    folder = os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write checkpoints in {folder!r} ({e.strerror}); "
+                        f"choose another --checkpoint") from None
 
+def keep_previous(path):
+    """A new run's first save moves an earlier checkpoint aside: out/gpt.pt -> out/gpt.1.pt."""
+    if os.path.exists(path):
+        stem, ext = os.path.splitext(path)
+        n = next(n for n in range(1, 10**6) if not os.path.exists(f"{stem}.{n}{ext}"))
+        os.replace(path, f"{stem}.{n}{ext}")
+        print(f"kept the earlier checkpoint at {path} as {stem}.{n}{ext}")
 
-@torch.no_grad()
-def estimate_loss(model, splits, cfg, autocast):
-    """Mean loss over eval_iters batches per split. The batches are the same at every call,
-    so two estimates differ only because the model changed."""
-    model.eval()
-    out = {}
-    for name, data in splits.items():
-        generator = torch.Generator().manual_seed(cfg.seed)
-        losses = []
-        for _ in range(cfg.eval_iters):
-            x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator)
-            with autocast:
-                losses.append(model(x.to(cfg.device), y.to(cfg.device))[1].item())
-        out[name] = sum(losses) / len(losses)
-    model.train()
-    return out
+def checkpoint_state(model, optimizers, run, cfg, tokenizer, generator, ddp):
+    """Everything a later run needs: weights, optimizer state, progress, settings, vocabulary and
+    the random state (of every process under DDP, so a resumed run draws the same batches)."""
+    batches = [generator.get_state()]
+    if ddp:
+        batches = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(batches, generator.get_state())
+    return {"script": "gpt.py", "config": vars(cfg), "model": model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in optimizers], "step": run.step,
+            "seconds": run.seconds, "best_val_loss": run.best_val_loss, "history": run.history,
+            "rng": {"torch": torch.get_rng_state(), "batches": batches},
+            "data": {"chars": tokenizer.chars}}
 
-
-@torch.no_grad()
-def evaluate_all(model, data, block_size, device, autocast, batch_size=64):
-    """Mean loss over the whole split, cut into windows of block_size (nats per character)."""
-    model.eval()
-    n = (len(data) - 1) // block_size * block_size
-    x_all = data[:n].view(-1, block_size)  # (N, T)
-    y_all = data[1:n + 1].view(-1, block_size)  # (N, T)
-    total = 0.0
-    for i in range(0, len(x_all), batch_size):
-        x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
-        with autocast:
-            total += model(x, y)[1].item() * x.numel()
-    model.train()
-    return total / n
-
+def restore_training(ckpt, optimizers, generator, run, rank):
+    """Continue exactly where the checkpoint stopped: optimizer state, progress, random state."""
+    for opt, saved in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(saved)
+    run.step, run.seconds = ckpt["step"], ckpt["seconds"]
+    run.best_val_loss, run.history = ckpt["best_val_loss"], ckpt["history"]
+    generator.set_state(ckpt["rng"]["batches"][rank % len(ckpt["rng"]["batches"])])
+    torch.set_rng_state(ckpt["rng"]["torch"])
 
 def save_checkpoint(path, state):
-    """Write to a temporary name, then rename: a crash mid-write never destroys the previous checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Write to a temporary name, then rename: a crash mid-write never destroys the checkpoint."""
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size")
-
-
-def load_checkpoint(path, cfg):
-    """Load a checkpoint written by this script, refusing one from another script or of another shape."""
+def load_checkpoint(path):
+    """A checkpoint written by this script, or one clear line saying why not."""
+    script = "gpt.py"
+    if os.path.isdir(path):
+        raise UserError(f"--checkpoint={path} is a folder; point it at a .pt file {script} wrote")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path!r}; train first with python gpt.py") from None
+        raise UserError(f"no checkpoint at {path!r}; train first with python {script}") from None
     except Exception as e:
         raise UserError(f"{path!r} is not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("script") != "gpt.py":
-        owner = ckpt.get("script", "something else") if isinstance(ckpt, dict) else "something else"
-        raise UserError(f"{path!r} was written by {owner}, not gpt.py; point --checkpoint at a gpt.py checkpoint")
-    differ = [f"{k}={ckpt['config'][k]} (you have {getattr(cfg, k)})"
-              for k in MODEL_KEYS if ckpt["config"][k] != getattr(cfg, k)]
-    if differ:
-        raise UserError(f"{path!r} holds a model with {', '.join(differ)}; set the same values or use a new --checkpoint")
+    owner = ckpt.get("script", "something else") if isinstance(ckpt, dict) else "something else"
+    if owner != script:
+        raise UserError(f"{path!r} was written by {owner}, not {script}; "
+                        f"point --checkpoint at one of {script}'s")
     return ckpt
 
-
-def build_model(config, state_dict=None):
-    model = GPT(config)
-    if state_dict is not None:
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError:
-            raise UserError("the checkpoint's weights do not fit this model; was it written by another version?") from None
-    return model
-
+def restore_config(cfg, given, ckpt):
+    """Take the model's shape from the checkpoint; a size given on the command line must agree."""
+    for name in MODEL_KEYS:
+        saved = ckpt["config"][name]
+        if name in given and getattr(cfg, name) != saved:
+            raise UserError(f"--{name}={getattr(cfg, name)} contradicts the checkpoint, which holds "
+                            f"{name}={saved}; leave --{name} out or use another --checkpoint")
+        setattr(cfg, name, saved)
 
 def format_time(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
-
-def train(cfg):
-    """Train on cfg.input_file, keep the best checkpoint, and return the model, tokenizer and history."""
-    ddp = "RANK" in os.environ  # launched by torchrun
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    cfg.device = choose_device(cfg.device)
-    if ddp:
-        torch.distributed.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
-        if cfg.device.startswith("cuda"):
-            torch.cuda.set_device(cfg.device)
-    master = rank == 0  # only this process logs, evaluates and writes checkpoints
-    log = print if master else (lambda *args, **kwargs: None)
-    torch.manual_seed(cfg.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere+ GPUs: much faster, same loss
-    autocast, use_scaler = autocast_for(cfg.device, cfg.dtype)
-
-    text = read_text(cfg.input_file)
-    ckpt = load_checkpoint(cfg.checkpoint, cfg) if cfg.resume else None
-    tokenizer = Tokenizer(ckpt["chars"] if ckpt else sorted(set(text)))
-    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
-    n_val = int(len(data) * cfg.val_fraction)
-    splits = {"train": data[:-n_val], "val": data[-n_val:]}
-    if min(len(s) for s in splits.values()) <= cfg.block_size:
-        raise UserError(f"input file is too short for block_size={cfg.block_size}; use more text or a smaller block")
-
-    config = GPTConfig(len(tokenizer.chars), cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.use_sdpa)
-    raw_model = build_model(config, ckpt["model"] if ckpt else None).to(cfg.device)
-    optimizer = make_optimizer(raw_model, cfg, cfg.device)
-    scaler = torch.amp.GradScaler(enabled=use_scaler)
-    generator = torch.Generator().manual_seed(cfg.seed + rank)  # each process draws its own batches
-    step, best_val, trained_seconds, history = 0, float("inf"), 0.0, []
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        step, best_val, trained_seconds, history = ckpt["step"], ckpt["best_val_loss"], ckpt["seconds"], ckpt["history"]
-        generator.set_state(ckpt["rng"]["batches"][rank % len(ckpt["rng"]["batches"])])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[cfg.device] if cfg.device.startswith("cuda") else None)
-
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-    log(f"gpt.py | {n_params / 1e6:.2f}M parameters | device {cfg.device} x{world} | "
-        f"dtype {cfg.dtype} | vocab {config.vocab_size} | {len(splits['train']):,} train / {len(splits['val']):,} val chars")
-    budget = f"{cfg.train_seconds:.0f}s" if cfg.train_seconds else f"{cfg.max_iters} steps"
-    log(f"training for {budget}, {tokens_per_step:,} tokens per step" + (f", resuming at step {step}" if ckpt else ""))
-
-    def progress():
-        if cfg.train_seconds:
-            return trained_seconds / cfg.train_seconds
-        return step / cfg.max_iters
-
-    def checkpoint_state():
-        return {"script": "gpt.py", "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "best_val_loss": best_val, "seconds": trained_seconds, "history": history,
-                "config": vars(cfg), "chars": tokenizer.chars,
-                "rng": {"torch": torch.get_rng_state(), "batches": gather_generator_states(generator, ddp)}}
-
-    t_log, step_at_log = time.time(), step
-    try:
-        while True:
-            finished = progress() >= 1.0
-            if ddp:  # every process must agree to stop at the same step, so rank 0's clock decides
-                flag = torch.tensor([float(finished)], device=cfg.device)
-                torch.distributed.broadcast(flag, 0)
-                finished = bool(flag.item())
-            if (step % cfg.eval_interval == 0 and step > 0) or finished:
-                t_eval = time.time()
-                losses = estimate_loss(raw_model, splits, cfg, autocast) if master else None
-                state = checkpoint_state()  # every process joins (gather), only rank 0 writes
-                if master:
-                    history.append((step, losses["train"], losses["val"]))
-                    note = ""
-                    if losses["val"] < best_val:
-                        best_val = state["best_val_loss"] = losses["val"]
-                        state["history"] = history
-                        save_checkpoint(cfg.checkpoint, state)
-                        note = f" (best, saved to {cfg.checkpoint})"
-                    log(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{note}")
-                t_log += time.time() - t_eval  # evaluation time is not training speed
-            if finished:
-                break
-            t0 = time.time()
-            lr = lr_at(step, progress(), cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(splits["train"], cfg.block_size, cfg.batch_size, generator)
-                x, y = x.to(cfg.device), y.to(cfg.device)
-                # under DDP, average gradients across processes only on the last micro-step
-                sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
-                with sync:
-                    with autocast:
-                        _, loss = model(x, y)
-                    scaler.scale(loss / cfg.grad_accum).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            trained_seconds += time.time() - t0
-            if step % cfg.log_interval == 0:
-                elapsed = time.time() - t_log
-                ms = 1000 * elapsed / (step - step_at_log)
-                if cfg.train_seconds:
-                    eta = cfg.train_seconds - trained_seconds
-                else:
-                    eta = (cfg.max_iters - step) * ms / 1000
-                log(f"step {step:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {ms:.1f} ms/step | "
-                    f"{tokens_per_step * 1000 / ms:,.0f} tok/s | ETA {format_time(eta)}")
-                t_log, step_at_log = time.time(), step
-    except KeyboardInterrupt:
-        log(f"\ninterrupted at step {step}; the best checkpoint (val loss {best_val:.4f}) is kept at {cfg.checkpoint}")
-        raise
-    finally:
-        if ddp:
-            torch.distributed.destroy_process_group()
-    return raw_model, tokenizer, splits, history, autocast, master
-
-
-def gather_generator_states(generator, ddp):
-    """The batch generator state of every process, so a resumed DDP run draws the same batches."""
-    state = generator.get_state()
-    if not ddp:
-        return [state]
-    states = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return states
-
-# -----------------------------------------------------------------------------
-# Evaluation and sampling
-
-
-def plot_losses(history, width=60, height=12):
-    """The train (·) and val (o) loss over the steps, drawn with characters."""
-    if len(history) < 2:
-        return ""
-    steps = [h[0] for h in history]
-    values = [v for h in history for v in h[1:]]
-    lo, hi = min(values), max(values)
-    grid = [[" "] * width for _ in range(height)]
-    for step, train_loss, val_loss in history:
-        col = round((step - steps[0]) / (steps[-1] - steps[0]) * (width - 1))
-        for value, mark in ((train_loss, "·"), (val_loss, "o")):
-            row = round((hi - value) / (hi - lo + 1e-9) * (height - 1))
-            grid[row][col] = mark
-    lines = [f"{hi - (hi - lo) * r / (height - 1):6.2f} |" + "".join(row) for r, row in enumerate(grid)]
-    lines.append("       +" + "-" * width)
-    lines.append(f"        step {steps[0]}{' ' * (width - 12 - len(str(steps[0])) - len(str(steps[-1])))}step {steps[-1]}")
-    return "loss (· train, o val)\n" + "\n".join(lines)
-
-
-def write_sample(model, tokenizer, cfg):
-    """Stream cfg.num_chars characters after cfg.prompt to the terminal, and return them."""
-    context = torch.tensor([tokenizer.encode(cfg.prompt)], dtype=torch.long, device=cfg.device)  # (1, T)
-    if context.size(1) == 0:
-        raise UserError("--prompt is empty; give at least one character, e.g. --prompt='\\n'")
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.sample_seed)
-    model.eval()
-    threads = torch.get_num_threads()
-    if cfg.device == "cpu":  # one new position is too little work to share between cores: the hand-off
-        torch.set_num_threads(1)  # costs more than it saves (the KV cache samples ~1.35x faster on one core)
-    print(cfg.prompt, end="", flush=True)
-    chars, t0 = [], time.time()
-    for token in model.generate(context, cfg.num_chars, cfg.temperature, cfg.top_k, cfg.top_p,
-                                use_cache=cfg.use_cache, generator=generator):
-        chars.append(tokenizer.decode([token]))
-        print(chars[-1], end="", flush=True)
-    seconds = time.time() - t0
-    torch.set_num_threads(threads)
-    print(f"\n({len(chars)} characters in {seconds:.1f}s, {len(chars) / max(seconds, 1e-9):,.0f} chars/s, "
-          f"KV cache {'on' if cfg.use_cache else 'off'})")
-    return "".join(chars)
-
-
-def main(argv):
-    cfg = parse_args(argv)
-    if cfg.sample_only:
-        cfg.device = choose_device(cfg.device)
-        ckpt = load_checkpoint(cfg.checkpoint, cfg)
-        tokenizer = Tokenizer(ckpt["chars"])
-        saved = ckpt["config"]
-        config = GPTConfig(len(ckpt["chars"]), saved["block_size"], saved["n_layer"], saved["n_head"], saved["n_embd"])
-        model = build_model(config, ckpt["model"]).to(cfg.device)
-        print(f"sampling from {cfg.checkpoint} (step {ckpt['step']}, val loss {ckpt['best_val_loss']:.4f})")
-        write_sample(model, tokenizer, cfg)
-        return
-    t_start = time.time()
-    model, tokenizer, splits, history, autocast, master = train(cfg)
-    if not master:
-        return
-    ckpt = load_checkpoint(cfg.checkpoint, cfg)  # finish with the best model, the one that was saved
-    model.load_state_dict(ckpt["model"])
-    print(plot_losses(history))
-    val_loss = evaluate_all(model, splits["val"], cfg.block_size, cfg.device, autocast)
-    print(f"val loss over the whole validation split: {val_loss:.4f} nats/char "
-          f"(best checkpoint, step {ckpt['step']}); run took {format_time(time.time() - t_start)}")
-    if cfg.num_chars > 0:
-        print("-" * 60)
-        write_sample(model, tokenizer, cfg)
-
+def progress_line(step, loss, lr, seconds_per_step, per_second, unit, eta_seconds):
+    """The line printed every log_interval steps."""
+    return (f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {1000 * seconds_per_step:.1f} "
+            f"ms/step | {per_second:,.0f} {unit}/s | ETA {format_time(eta_seconds)}")
 
 if __name__ == "__main__":
     try:
-        main(sys.argv[1:])
+        main([] if in_notebook() else sys.argv[1:])
     except UserError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        if not in_notebook():
+            sys.exit(1)
     except KeyboardInterrupt:
-        sys.exit(130)
+        print("\ninterrupted; the best checkpoint so far is kept", file=sys.stderr)
+        if not in_notebook():
+            sys.exit(130)
