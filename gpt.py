@@ -22,7 +22,6 @@ nh = number of heads, hs = head size (C // nh), V = vocabulary size, L = length 
 keys (T, or the cached length plus T while sampling).
 """
 
-import contextlib
 import linecache
 import math
 import os
@@ -30,7 +29,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -92,24 +91,8 @@ compile = False  # torch.compile the model: faster steps after a slow first one
 seed = 1337  # seed for initialisation and batches
 # -----------------------------------------------------------------------------
 # Data and tokenizer
-
-def read_text(path):
-    """The training text, or one clear line saying why it cannot be read."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (FileNotFoundError, IsADirectoryError):
-        raise UserError(f"input file {path!r} not found; pass a UTF-8 text with "
-                        f"--input_file=PATH (run from the folder that holds input.txt)") from None
-    except UnicodeDecodeError:
-        raise UserError(f"input file {path!r} is not UTF-8 text") from None
-    if len(text) < 1000:
-        raise UserError(f"input file {path!r} holds {len(text)} characters; give it thousands")
-    return text
-
 class Tokenizer:
     """Characters to integers and back: the vocabulary is every character the text contains."""
-
     def __init__(self, chars):
         self.chars = chars
         self.stoi = {ch: i for i, ch in enumerate(chars)}
@@ -124,9 +107,30 @@ class Tokenizer:
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
 
-def get_batch(data, block_size, batch_size, generator):
-    """batch_size random windows of the text: x is the input, y the same window shifted by one."""
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator)  # (B,)
+def read_data(cfg, chars=None):
+    """The text as (tokenizer, {"train": ids, "val": ids}); `chars`: a checkpoint's vocabulary."""
+    try:
+        with open(cfg.input_file, encoding="utf-8") as f:
+            text = f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        raise UserError(f"input file {cfg.input_file!r} not found; pass a UTF-8 text with "
+                        f"--input_file=PATH (run from the folder that holds input.txt)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"input file {cfg.input_file!r} is not UTF-8 text") from None
+    tokenizer = Tokenizer(chars or sorted(set(text)))
+    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
+    n_train = int(len(data) * (1 - cfg.val_fraction))  # the first 90% trains, as nanoGPT splits it
+    splits = {"train": data[:n_train], "val": data[n_train:]}
+    if min(len(s) for s in splits.values()) <= cfg.block_size:
+        raise UserError(f"{cfg.input_file!r} is too short for --block_size={cfg.block_size} and "
+                        f"--val_fraction={cfg.val_fraction}; use more text or smaller values")
+    return tokenizer, splits
+
+def get_batch(data, block_size, batch_size, generator, rank=0, world=1):
+    """batch_size random windows of the text: x is the input, y the same window shifted by one.
+    Under torchrun each process keeps its share of one draw: one random state for all of them."""
+    ix = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
+    ix = ix[rank::world]  # (B,)
     offsets = torch.arange(block_size)  # (T,)
     x = data[ix[:, None] + offsets]  # (B, T)
     y = data[ix[:, None] + offsets + 1]  # (B, T), the next character at every position
@@ -134,22 +138,6 @@ def get_batch(data, block_size, batch_size, generator):
 
 # -----------------------------------------------------------------------------
 # Model
-
-@dataclass
-class GPTConfig:
-    vocab_size: int
-    block_size: int
-    n_layer: int
-    n_head: int
-    n_embd: int
-    dropout: float = 0.0
-    use_sdpa: bool = True
-    rope: bool = True
-    norm: str = "rms"
-    mlp: str = "relu2"
-    qk_norm: bool = True
-    tie_weights: bool = False
-
 def make_norm(kind, size):
     """RMSNorm divides by the root mean square; LayerNorm also subtracts the mean first."""
     return nn.RMSNorm(size) if kind == "rms" else nn.LayerNorm(size, bias=False)
@@ -167,27 +155,24 @@ def rotate(x, positions, base=10000.0):
 
 class CausalSelfAttention(nn.Module):
     """Every position looks at itself and the positions before it, through n_head heads at once."""
-
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.use_sdpa, self.rope = config.n_head, config.use_sdpa, config.rope
-        self.dropout = config.dropout
+        self.config = config
         hs = config.n_embd // config.n_head
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # heads back to the stream
         self.q_norm = make_norm(config.norm, hs) if config.qk_norm else nn.Identity()
         self.k_norm = make_norm(config.norm, hs) if config.qk_norm else nn.Identity()
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, positions, cache=None):
         B, T, C = x.shape
-        nh, hs = self.n_head, C // self.n_head
+        nh, hs = self.config.n_head, C // self.config.n_head
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q = self.q_norm(q.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_norm(k.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.rope:  # positions enter here, in q and k only
+        if self.config.rope:  # positions enter here, in q and k only
             q, k = rotate(q, positions), rotate(k, positions)  # (B, nh, T, hs)
         if cache is not None:  # sampling: prepend the keys and values of the earlier positions
             if cache:
@@ -198,22 +183,21 @@ class CausalSelfAttention(nn.Module):
         # The causal mask, True = may attend: query t sits at key position L - T + t and sees keys
         # 0 .. L - T + t. A single new query (sampling with the cache) sees every key: no mask.
         mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(L - T) if T > 1 else None
-        if self.use_sdpa:  # without a cache, is_causal lets the fused kernel skip the masked half
+        if self.config.use_sdpa:  # without a cache, is_causal lets the fused kernel skip half
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if T == L else mask, is_causal=T == L > 1,
-                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+                dropout_p=self.config.dropout if self.training else 0.0)  # (B, nh, T, hs)
         else:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, L): query-key affinities
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))  # the future is hidden
             att = F.softmax(att, dim=-1)  # (B, nh, T, L), each row sums to 1
-            y = self.attn_dropout(att) @ v  # (B, nh, T, hs): a weighted sum of the values
+            y = self.dropout(att) @ v  # (B, nh, T, hs): a weighted sum of the values
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C), heads side by side again
-        return self.resid_dropout(self.proj(y))  # (B, T, C)
+        return self.dropout(self.proj(y))  # (B, T, C)
 
 class MLP(nn.Module):
     """Each position thinks on its own: widen 4x, a nonlinearity, narrow back."""
-
     def __init__(self, config):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
@@ -226,7 +210,6 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
-
     def __init__(self, config):
         super().__init__()
         self.ln1 = make_norm(config.norm, config.n_embd)
@@ -240,7 +223,7 @@ class Block(nn.Module):
         return x
 
 class GPT(nn.Module):
-
+    """config: the hyperparameters of a run (n_layer, n_embd, rope, ...) and the vocab_size."""
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -264,13 +247,10 @@ class GPT(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.0 if writes and not config.tie_weights else std)
 
     def forward(self, idx, targets=None, caches=None):
-        """idx (B, T) of token ids -> logits and the mean cross-entropy if targets are given.
-        With targets: logits (B, T, V). Without (sampling): only the last position's, (B, 1, V).
-        With caches (one dict per block), idx holds only the new positions."""
+        """idx (B, T) -> logits (B, T, V) and the mean cross-entropy, or without targets only the
+        last position's logits (B, 1, V). With caches (one per block), idx holds new positions."""
         B, T = idx.shape
         start = caches[0]["k"].size(2) if caches and caches[0] else 0  # positions already cached
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} exceeds block_size {self.config.block_size}")
         positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
@@ -288,33 +268,24 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, use_cache=True,
                  generator=None):
-        """Yield max_new_tokens new token ids after the prompt idx (1, T), one at a time.
-
-        The context is at most block_size long. When it is full we keep its last half, so the
-        cache is refilled once every block_size // 2 characters and every other character costs
-        one position of model work. Without the cache the same window is recomputed at every
-        step, so both ways see the same context and write the same text.
-        """
-        keep = self.config.block_size // 2
-        idx = idx[:, -self.config.block_size:]
-        caches, new = None, idx  # `new`: the positions the model has not processed yet
+        """Yield max_new_tokens new token ids after the prompt idx (1, T), one at a time. A full
+        context keeps its last half, so the cache is refilled once every block_size // 2 tokens;
+        without the cache the same window is recomputed, so both ways write the same text."""
+        idx = idx[:, -self.config.block_size:]  # (1, T)
+        caches = None
         for _ in range(max_new_tokens):
-            if idx.size(1) > self.config.block_size:  # the window is full: slide it
-                idx = idx[:, -keep:]
-                caches, new = None, idx
-            if not use_cache:
-                new = idx
-            elif caches is None:
-                caches = [{} for _ in self.blocks]
-            logits, _ = self(new, caches=caches if use_cache else None)  # (1, 1, V)
-            next_id = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
-            idx = torch.cat([idx, next_id], dim=1)  # (1, T + 1)
-            new = next_id
-            yield next_id.item()
+            if idx.size(1) > self.config.block_size:  # the window is full: keep its last half
+                idx = idx[:, -(self.config.block_size // 2):]
+                caches = None
+            if caches is None:  # the model reads the whole window (at every step without a cache)
+                new, caches = idx, [{} for _ in self.blocks] if use_cache else None
+            logits, _ = self(new, caches=caches)  # (1, 1, V)
+            new = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            idx = torch.cat([idx, new], dim=1)  # (1, T + 1); with a cache, only `new` is read next
+            yield new.item()
 
 def sample_next(logits, temperature, top_k, top_p, generator):
-    """Pick the next token from logits (1, V): greedy at temperature 0, else sample the trimmed
-    softmax."""
+    """The next token from logits (1, V): greedy at temperature 0, else sampled after trimming."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)  # (1, 1)
     logits = logits / temperature
@@ -332,11 +303,9 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 
 # -----------------------------------------------------------------------------
 # Training
-
 def lr_at(step, progress, cfg):
-    """The learning-rate multiplier, 0..1: linear warmup for warmup_iters steps, then by
-    progress (0 -> 1): wsd holds the peak and decays linearly over the last decay_fraction;
-    cosine decays all the way. Both end at min_lr / learning_rate."""
+    """The learning-rate multiplier: linear warmup, then as progress goes 0 -> 1, wsd holds 1 and
+    decays linearly over the last decay_fraction, cosine all the way; both end at the floor."""
     floor = cfg.min_lr / cfg.learning_rate
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
@@ -350,15 +319,15 @@ def make_optimizers(model, cfg):
     """AdamW decays the 2-D weights but not the norm gains. With optimizer=muon, the matrices
     inside the blocks go to Muon instead, which orthogonalises each update: every direction of
     the matrix moves by the same amount, so rarely-used directions learn as fast as the rest."""
-    params = [p for p in model.parameters() if p.requires_grad]
     hidden = [p for name, p in model.named_parameters() if name.startswith("blocks.")
               and p.dim() == 2] if cfg.optimizer == "muon" else []
-    adam = [p for p in params if all(p is not h for h in hidden)]
+    adam = [p for p in model.parameters() if all(p is not h for h in hidden)]
     groups = [{"params": [p for p in adam if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in adam if p.dim() < 2], "weight_decay": 0.0}]
     # update all tensors at once: one fused kernel on CUDA, batched ("foreach") ops elsewhere
     batched = {"fused": True} if cfg.device.startswith("cuda") else {"foreach": True}
-    optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), **batched)]
+    optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
+                                    **batched)]
     if hidden:
         optimizers.append(torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=0.0))
     for opt in optimizers:
@@ -372,7 +341,7 @@ def train_step(model, optimizers, scaler, autocast, batches, cfg):
     for i, batch in enumerate(batches):
         # under DDP, average gradients across processes only on the last micro-step
         last = i == len(batches) - 1
-        sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
         with sync, autocast:
             _, loss = model(*batch)
         scaler.scale(loss / len(batches)).backward()
@@ -386,8 +355,8 @@ def train_step(model, optimizers, scaler, autocast, batches, cfg):
     scaler.update()
     loss = loss.item()
     if not math.isfinite(loss):
-        raise UserError(f"the loss diverged ({loss}); lower --learning_rate (now {cfg.learning_rate})"
-                        f" or raise --warmup_iters (now {cfg.warmup_iters})")
+        raise UserError(f"the loss diverged ({loss}); lower --learning_rate (now "
+                        f"{cfg.learning_rate}) or raise --warmup_iters (now {cfg.warmup_iters})")
     return loss
 
 @torch.no_grad()
@@ -409,101 +378,101 @@ def estimate_loss(model, data, cfg, autocast, batches=None):
     model.train()
     return total / len(x_all)
 
+def progress(run, cfg):
+    """How far training is, 0 -> 1: by the clock, or by steps when train_seconds = 0."""
+    return run.seconds / cfg.train_seconds if cfg.train_seconds else run.step / cfg.max_iters
+
 def train(model, tokenizer, splits, cfg, ckpt=None):
     """Train until the clock (or max_iters) runs out, saving the best model; -> (model, history)."""
     ddp, rank, world = ddp_setup(cfg)
     autocast, use_scaler = autocast_for(cfg.device, cfg.dtype)
-    optimizers = make_optimizers(model, cfg)
     scaler = torch.amp.GradScaler(enabled=use_scaler)
-    generator = torch.Generator().manual_seed(cfg.seed + rank)  # each process its own batches
+    optimizers = make_optimizers(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
     run = SimpleNamespace(step=0, seconds=0.0, best_val_loss=float("inf"), history=[])
-    if ckpt:
-        restore_training(ckpt, optimizers, generator, run, rank)
-    fast = torch.compile(model) if cfg.compile else model
-    if ddp:
+    if ckpt:  # continue exactly where the checkpoint stopped
+        for opt, saved in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(saved)
+        run.step, run.seconds = ckpt["step"], ckpt["seconds"]
+        run.best_val_loss, run.history = ckpt["best_val_loss"], ckpt["history"]
+        generator.set_state(ckpt["rng"]["batches"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    fast = torch.compile(model) if cfg.compile else model  # `model` itself is the one saved
+    if ddp:  # averages the gradients of all processes during backward
         ids = [cfg.device] if cfg.device.startswith("cuda") else None
         fast = torch.nn.parallel.DistributedDataParallel(fast, device_ids=ids)
-    log = print if rank == 0 else (lambda *args, **kwargs: None)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum * world
-    budget = f"{cfg.train_seconds:.0f}s" if cfg.train_seconds else f"{cfg.max_iters} steps"
-    log(f"training for {budget}, {tokens_per_step:,} tokens per step"
-        + (f", resuming at step {run.step}" if ckpt else ""))
-
-    def state():
-        return checkpoint_state(model, optimizers, run, cfg, tokenizer, generator, ddp)
-
-    t_log, step_at_log, first_step = time.time(), run.step, run.step
-    try:
-        while True:
-            finished = all_agree(progress(run, cfg) >= 1.0, ddp, cfg.device)
-            if (run.step % cfg.eval_interval == 0 and run.step > first_step) or finished:
-                t_eval = time.time()
-                evaluate_and_save(model, tokenizer, splits, cfg, autocast, run, state(), rank == 0)
-                t_log += time.time() - t_eval  # evaluation time is not training speed
-            if finished:
-                break
-            t0 = time.time()
-            set_lr(optimizers, lr_at(run.step, progress(run, cfg), cfg))
-            batches = [[t.to(cfg.device) for t in get_batch(
-                splits["train"], cfg.block_size, cfg.batch_size, generator)]
-                for _ in range(cfg.grad_accum)]
-            loss = train_step(fast, optimizers, scaler, autocast, batches, cfg)
-            run.step += 1
-            run.seconds += time.time() - t0
-            if run.step % cfg.log_interval == 0:
-                per_step = (time.time() - t_log) / (run.step - step_at_log)
-                eta = (1 - progress(run, cfg)) * (cfg.train_seconds or cfg.max_iters * per_step)
-                log(progress_line(run.step, loss, optimizers[0].param_groups[0]["lr"], per_step,
-                                  tokens_per_step / per_step, "tok", eta))
-                t_log, step_at_log = time.time(), run.step
-    except KeyboardInterrupt:
-        log(f"\ninterrupted at step {run.step}; the best checkpoint (val loss "
-            f"{run.best_val_loss:.4f}) is kept at {cfg.checkpoint}")
-        raise
-    finally:
-        if ddp:
-            torch.distributed.destroy_process_group()
+    if rank == 0:
+        budget = f"{cfg.train_seconds:.0f}s" if cfg.train_seconds else f"{cfg.max_iters} steps"
+        print(f"gpt.py | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
+              f"device {cfg.device} x{world} | vocab {len(tokenizer.chars)} | "
+              f"{len(splits['train']):,} train chars\ntraining for {budget}, "
+              f"{tokens_per_step:,} tokens per step"
+              + (f", resuming at step {run.step}" if ckpt else ""))
+        if not ckpt:  # a new run never replaces an earlier run's checkpoint
+            keep_previous(cfg.checkpoint)
+    first_step, step_at_log, seconds_at_log = run.step, run.step, run.seconds
+    while True:
+        finished = torch.tensor(float(progress(run, cfg) >= 1.0), device=cfg.device)
+        if ddp:  # every process must stop at the same step, so rank 0's clock decides
+            torch.distributed.broadcast(finished, 0)
+        if rank == 0 and (finished or run.step % cfg.eval_interval == 0 and run.step > first_step):
+            evaluate_and_save(model, optimizers, tokenizer, splits, cfg, autocast, run, generator)
+        if finished:
+            break
+        t0 = time.time()
+        factor = lr_at(run.step, progress(run, cfg), cfg)
+        for group in [group for opt in optimizers for group in opt.param_groups]:
+            group["lr"] = group["peak_lr"] * factor  # each group's own peak, on one schedule
+        batches = [[t.to(cfg.device) for t in get_batch(splits["train"], cfg.block_size,
+                                                        cfg.batch_size, generator, rank, world)]
+                   for _ in range(cfg.grad_accum)]
+        loss = train_step(fast, optimizers, scaler, autocast, batches, cfg)
+        run.step += 1
+        run.seconds += time.time() - t0  # the clock counts training only, not evaluation
+        if rank == 0 and run.step % cfg.log_interval == 0:
+            per_step = (run.seconds - seconds_at_log) / (run.step - step_at_log)
+            eta = (1 - progress(run, cfg)) * (cfg.train_seconds or cfg.max_iters * per_step)
+            print(progress_line(run.step, loss, optimizers[0].param_groups[0]["lr"], per_step,
+                                tokens_per_step / per_step, "tok", eta))
+            step_at_log, seconds_at_log = run.step, run.seconds
+    if ddp:  # wait for rank 0's last evaluation, then leave together
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return model, run.history
 
-def evaluate_and_save(model, tokenizer, splits, cfg, autocast, run, state, master):
-    """Estimate both losses, save the model if validation improved, and show a line it writes."""
-    if not master:
-        return
+def evaluate_and_save(model, optimizers, tokenizer, splits, cfg, autocast, run, generator):
+    """Estimate both losses, save all a later run needs if validation improved, show a sample."""
     losses = {name: estimate_loss(model, data, cfg, autocast, cfg.eval_iters)
               for name, data in splits.items()}
     run.history.append((run.step, losses["train"], losses["val"]))
     note = ""
     if losses["val"] < run.best_val_loss:
-        if run.best_val_loss == float("inf"):  # this run's first save: never lose an earlier one
-            keep_previous(cfg.checkpoint)
         run.best_val_loss = losses["val"]
-        state.update(best_val_loss=run.best_val_loss, history=run.history)
-        save_checkpoint(cfg.checkpoint, state)
+        save_checkpoint(cfg.checkpoint, {
+            "script": "gpt.py", "config": vars(cfg), "model": model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in optimizers], "step": run.step,
+            "seconds": run.seconds, "best_val_loss": run.best_val_loss, "history": run.history,
+            "rng": {"torch": torch.get_rng_state(), "batches": generator.get_state()},
+            "data": {"chars": tokenizer.chars}})
         note = " (best, saved)"
     line = sample_text(model, tokenizer, "\n", 80, cfg).replace("\n", " ")
     print(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
           f"{note} | {line}")
 
-def set_lr(optimizers, factor):
-    for group in (group for opt in optimizers for group in opt.param_groups):
-        group["lr"] = group["peak_lr"] * factor
-
-def progress(run, cfg):
-    """How far training is, 0 -> 1: by the clock, or by steps when train_seconds = 0."""
-    return run.seconds / cfg.train_seconds if cfg.train_seconds else run.step / cfg.max_iters
-
 # -----------------------------------------------------------------------------
 # Evaluation and sampling
-
 def sample_text(model, tokenizer, prompt, n, cfg, stream=False):
-    """n characters after prompt, seeded so a checkpoint always writes the same text. With stream,
-    they are printed as they come, then the speed."""
+    """n characters after prompt, seeded: a checkpoint always writes the same text. stream prints
+    them as they come, then the speed."""
     context = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=cfg.device)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.sample_seed)
     threads, was_training, chars, t0 = torch.get_num_threads(), model.training, [], time.time()
     if cfg.device == "cpu":  # one new position is too little work to share between cores: the
         torch.set_num_threads(1)  # hand-off costs more than it saves (the cache runs ~1.35x faster)
     model.eval()
+    if stream:
+        print(prompt, end="")
     for token in model.generate(context, n, cfg.temperature, cfg.top_k, cfg.top_p,
                                 use_cache=cfg.use_cache, generator=generator):
         chars.append(tokenizer.decode([token]))
@@ -537,16 +506,12 @@ def plot_losses(history, width=60, height=12):
 
 # -----------------------------------------------------------------------------
 # main
-
-CHOICES = {"norm": ("rms", "layer"), "mlp": ("relu2", "gelu"), "optimizer": ("muon", "adamw"),
-           "schedule": ("wsd", "cosine")}
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "rope", "norm", "mlp", "qk_norm",
-              "tie_weights")
+              "tie_weights")  # the settings that fix the model's shape: a checkpoint holds them
 
 def main(argv=(), **overrides):
-    """Train, report and sample (or, with --infer, only sample from the checkpoint).
-    From a notebook: main(n_layer=2, train_seconds=30) or main(["--n_layer=2"]).
-    Returns model, tokenizer, history, val_loss, sample and cfg in one namespace."""
+    """Train, report and sample (or, with --infer, only sample from the checkpoint) -> namespace.
+    From a notebook: main(n_layer=2, train_seconds=30) or main(["--n_layer=2"])."""
     argv = list(argv) + [f"--{name}={value}" for name, value in overrides.items()]
     wants_help = "--help" in argv or "-h" in argv
     cfg, given = parse_args([a for a in argv if a not in ("--help", "-h")], hyperparameters())
@@ -560,31 +525,18 @@ def main(argv=(), **overrides):
     if ckpt:
         restore_config(cfg, given, ckpt)
     if cfg.infer:
-        tokenizer, model = Tokenizer(ckpt["data"]["chars"]), build_model(cfg, ckpt)
+        tokenizer = Tokenizer(ckpt["data"]["chars"])
+        model = build_model(cfg, len(tokenizer.chars), ckpt["model"])
         print(f"sampling from {cfg.checkpoint} (step {ckpt['step']}, "
               f"val loss {ckpt['best_val_loss']:.4f})")
-        print(cfg.prompt, end="")
         sample = sample_text(model, tokenizer, cfg.prompt, cfg.num_chars, cfg, stream=True)
         return SimpleNamespace(model=model, tokenizer=tokenizer, sample=sample, cfg=cfg)
     t_start = time.time()
-    text = read_text(cfg.input_file)
-    tokenizer = Tokenizer(ckpt["data"]["chars"] if ckpt else sorted(set(text)))
-    data = torch.tensor(tokenizer.encode(text), dtype=torch.long)  # (N,)
-    n_train = int(len(data) * (1 - cfg.val_fraction))  # the first 90% trains, as nanoGPT splits it
-    splits = {"train": data[:n_train], "val": data[n_train:]}
-    if min(len(s) for s in splits.values()) <= cfg.block_size:
-        raise UserError(f"{cfg.input_file!r} is too short for --block_size={cfg.block_size} and "
-                        f"--val_fraction={cfg.val_fraction}; use more text or smaller values")
+    tokenizer, splits = read_data(cfg, ckpt and ckpt["data"]["chars"])
     check_writable(cfg.checkpoint)
-    model = build_model(cfg, ckpt, len(tokenizer.chars))
-    master = os.environ.get("RANK", "0") == "0"  # under torchrun, only the first process reports
-    if master:
-        print(f"gpt.py | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
-              f"device {cfg.device} x{os.environ.get('WORLD_SIZE', 1)} | dtype {cfg.dtype} | "
-              f"vocab {len(tokenizer.chars)} | {len(splits['train']):,} train / "
-              f"{len(splits['val']):,} val chars")
+    model = build_model(cfg, len(tokenizer.chars), ckpt and ckpt["model"])
     model, history = train(model, tokenizer, splits, cfg, ckpt)
-    if not master:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, only the first process reports
         return None
     best = load_checkpoint(cfg.checkpoint)  # finish with the best model, the one that was saved
     model.load_state_dict(best["model"])
@@ -594,7 +546,7 @@ def main(argv=(), **overrides):
           f"step {best['step']}); run took {format_time(time.time() - t_start)}")
     sample = ""
     if cfg.num_chars > 0:
-        print("-" * 60 + "\n" + cfg.prompt, end="")
+        print("-" * 60)
         sample = sample_text(model, tokenizer, cfg.prompt, cfg.num_chars, cfg, stream=True)
     return SimpleNamespace(model=model, tokenizer=tokenizer, history=history, val_loss=val_loss,
                            sample=sample, cfg=cfg)
@@ -602,10 +554,8 @@ def main(argv=(), **overrides):
 # -----------------------------------------------------------------------------
 # Plumbing: command line, device and precision, checkpoints, torchrun.
 # A first reading can skip everything below.
-
 class UserError(Exception):
     """Something the user can fix: printed as one line, without a traceback."""
-
 def in_notebook():
     """True inside Jupyter or Colab, whose kernel's own arguments are not meant for us."""
     return "ipykernel" in sys.modules or sys.argv[0].endswith("kernel_launcher.py")
@@ -616,7 +566,7 @@ def hyperparameters():
             if name[:1].islower() and type(value) in (bool, int, float, str)}
 
 def help_text(defaults):
-    """Every option with the value this run would use and, when the source is at hand, its comment."""
+    """Every option with the value this run would use and, if the source is at hand, its comment."""
     source = "".join(linecache.getlines(help_text.__code__.co_filename))  # empty in an exec'd cell
     found = re.findall(r"^\s*\"?(\w+)\"?\s*[=:] .*?  # (.*)$", source, re.MULTILINE)
     comments = dict(reversed(found))  # the first comment of a name: the constant's, at the top
@@ -651,6 +601,8 @@ def parse_args(argv, defaults):
 
 def check_config(cfg):
     """Refuse, before any work, values that cannot run: one line naming the option and the fix."""
+    choices = {"norm": ("rms", "layer"), "mlp": ("relu2", "gelu"), "optimizer": ("muon", "adamw"),
+               "schedule": ("wsd", "cosine")}
     problems = [
         (cfg.n_embd % cfg.n_head != 0, f"--n_embd={cfg.n_embd} is not a multiple of "
          f"--n_head={cfg.n_head}; each head needs n_embd // n_head channels"),
@@ -671,8 +623,8 @@ def check_config(cfg):
         (cfg.top_k < 0 or cfg.num_chars < 0, "--top_k and --num_chars must be 0 or more"),
         (cfg.infer and not cfg.prompt, "--prompt is empty; give at least one character"),
         (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must lie in (0, 1]"),
-    ] + [(getattr(cfg, name) not in choices, f"--{name} must be one of {', '.join(choices)}")
-         for name, choices in CHOICES.items()]
+    ] + [(getattr(cfg, name) not in allowed, f"--{name} must be one of {', '.join(allowed)}")
+         for name, allowed in choices.items()]
     for bad, message in problems:
         if bad:
             raise UserError(message)
@@ -689,7 +641,7 @@ def choose_device(name):
     if kind not in available:
         raise UserError(f"--device={name} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if not available[kind]:
-        raise UserError(f"--device={name}, but this machine has no {kind.upper()}; use --device=auto")
+        raise UserError(f"--device={name}, but this machine has no {kind.upper()}; use auto")
     return name
 
 def autocast_for(device, dtype):
@@ -697,40 +649,30 @@ def autocast_for(device, dtype):
     device_type = device.split(":")[0]
     if dtype == "auto":
         if device_type != "cuda":
-            return contextlib.nullcontext(), False
+            return nullcontext(), False
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if dtype == "float32":
-        return contextlib.nullcontext(), False
+        return nullcontext(), False
     if dtype not in ("bfloat16", "float16"):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)), dtype == "float16"
 
 def ddp_setup(cfg):
-    """Under torchrun: join the process group (nccl on GPUs, gloo on CPUs). -> (ddp, rank, world)."""
+    """Under torchrun: join the process group (nccl on GPUs, gloo on CPUs) -> (ddp, rank, world)."""
     if "RANK" not in os.environ:
         return False, 0, 1
-    torch.distributed.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
-    if cfg.device.startswith("cuda"):
+    cuda = cfg.device.startswith("cuda")
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
         torch.cuda.set_device(cfg.device)
     return True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 
-def all_agree(flag, ddp, device):
-    """Every process must stop at the same step, so under DDP rank 0's clock decides."""
-    if not ddp:
-        return flag
-    flag = torch.tensor([float(flag)], device=device)
-    torch.distributed.broadcast(flag, 0)
-    return bool(flag.item())
-
-def build_model(cfg, ckpt=None, vocab_size=None):
-    """The model the settings describe, with the checkpoint's weights if there is one."""
-    vocab_size = len(ckpt["data"]["chars"]) if ckpt else vocab_size
-    config = GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout,
-                       cfg.use_sdpa, cfg.rope, cfg.norm, cfg.mlp, cfg.qk_norm, cfg.tie_weights)
-    model = GPT(config)
-    if ckpt:
+def build_model(cfg, vocab_size, weights=None):
+    """The model the settings describe, with a checkpoint's weights if given."""
+    model = GPT(SimpleNamespace(**vars(cfg), vocab_size=vocab_size))
+    if weights:
         try:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(weights)
         except RuntimeError:
             raise UserError("the checkpoint's weights do not fit this model; "
                             "was it written by another version of gpt.py?") from None
@@ -750,34 +692,12 @@ def check_writable(path):
                         f"choose another --checkpoint") from None
 
 def keep_previous(path):
-    """A new run's first save moves an earlier checkpoint aside: out/gpt.pt -> out/gpt.1.pt."""
+    """Before a new run saves, move an earlier checkpoint aside: out/gpt.pt -> out/gpt.1.pt."""
     if os.path.exists(path):
         stem, ext = os.path.splitext(path)
         n = next(n for n in range(1, 10**6) if not os.path.exists(f"{stem}.{n}{ext}"))
         os.replace(path, f"{stem}.{n}{ext}")
         print(f"kept the earlier checkpoint at {path} as {stem}.{n}{ext}")
-
-def checkpoint_state(model, optimizers, run, cfg, tokenizer, generator, ddp):
-    """Everything a later run needs: weights, optimizer state, progress, settings, vocabulary and
-    the random state (of every process under DDP, so a resumed run draws the same batches)."""
-    batches = [generator.get_state()]
-    if ddp:
-        batches = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(batches, generator.get_state())
-    return {"script": "gpt.py", "config": vars(cfg), "model": model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in optimizers], "step": run.step,
-            "seconds": run.seconds, "best_val_loss": run.best_val_loss, "history": run.history,
-            "rng": {"torch": torch.get_rng_state(), "batches": batches},
-            "data": {"chars": tokenizer.chars}}
-
-def restore_training(ckpt, optimizers, generator, run, rank):
-    """Continue exactly where the checkpoint stopped: optimizer state, progress, random state."""
-    for opt, saved in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(saved)
-    run.step, run.seconds = ckpt["step"], ckpt["seconds"]
-    run.best_val_loss, run.history = ckpt["best_val_loss"], ckpt["history"]
-    generator.set_state(ckpt["rng"]["batches"][rank % len(ckpt["rng"]["batches"])])
-    torch.set_rng_state(ckpt["rng"]["torch"])
 
 def save_checkpoint(path, state):
     """Write to a temporary name, then rename: a crash mid-write never destroys the checkpoint."""
@@ -787,8 +707,6 @@ def save_checkpoint(path, state):
 def load_checkpoint(path):
     """A checkpoint written by this script, or one clear line saying why not."""
     script = "gpt.py"
-    if os.path.isdir(path):
-        raise UserError(f"--checkpoint={path} is a folder; point it at a .pt file {script} wrote")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
@@ -806,8 +724,8 @@ def restore_config(cfg, given, ckpt):
     for name in MODEL_KEYS:
         saved = ckpt["config"][name]
         if name in given and getattr(cfg, name) != saved:
-            raise UserError(f"--{name}={getattr(cfg, name)} contradicts the checkpoint, which holds "
-                            f"{name}={saved}; leave --{name} out or use another --checkpoint")
+            raise UserError(f"--{name}={getattr(cfg, name)} contradicts the checkpoint, which "
+                            f"holds {name}={saved}; leave --{name} out or use another --checkpoint")
         setattr(cfg, name, saved)
 
 def format_time(seconds):

@@ -16,15 +16,14 @@ cross-attention. This file trains that model on one of four tasks and shows it w
     python seq2seq.py --infer --text="the 4th of July 1976"   # answer with the saved model
     python seq2seq.py --resume               # continue from the best checkpoint
     python seq2seq.py --help                 # every option with the value a run would use
+    main(task="add")                         # in a notebook, after pasting this file in a cell
 
-In a notebook, paste this file into a cell and run it, or call main(task="add") afterwards.
 Each task's own settings are its row of TASKS, right below the constants: edit them there.
 
-What you should see: a header, a progress line every few seconds (step, loss, ms/step,
-tokens/s, ETA), the losses and the held-out score at every evaluation, a loss curve, the final
-score on 2,000 held-out examples never trained on (exact match for the synthetic tasks, BLEU
-for translate), examples, the first mistakes, and one example's cross-attention drawn in the
-terminal: which source tokens each output token looked at.
+You should see progress lines with an ETA, the losses and the held-out score at every
+evaluation, a loss curve, the final score on 2,000 held-out examples never trained on (exact
+match for the synthetic tasks, BLEU for translate), examples, the first mistakes, and one
+example's cross-attention drawn in the terminal: which source tokens each output token read.
 
 Differences from gpt.py, on purpose: two stacks of blocks (the encoder's attention is not
 causal and hides only padding; the decoder adds cross-attention); fixed sinusoidal positions
@@ -173,29 +172,26 @@ def make_synthetic(task, n_train, val_size, seed):
     """(train, heldout) lists of (source, target). Held-out keys are all different and never
     trained on (for dates: no format of a held-out date is)."""
     make, rng = GENERATORS[task], random.Random(seed)
-    heldout, keys, train = [], set(), []
+    heldout, train = {}, []  # heldout: key -> its first (source, target)
     while len(heldout) < val_size:
         src, tgt, key = make(rng)
-        if is_heldout(key) and key not in keys:
-            keys.add(key)
-            heldout.append((src, tgt))
+        if is_heldout(key):
+            heldout.setdefault(key, (src, tgt))
     while len(train) < n_train:
         src, tgt, key = make(rng)
         if not is_heldout(key):
             train.append((src, tgt))
-    return train, heldout
+    return train, list(heldout.values())
 
 def parse_pairs(lines, name):
     """Lines of English<TAB>Spanish (any further fields, like Tatoeba's attribution, ignored)."""
     pairs = []
     for number, line in enumerate(lines.splitlines(), 1):
         fields = [field.strip() for field in line.split("\t")]
-        if len(fields) < 2 or not fields[0] or not fields[1]:
-            if line.strip():
-                raise UserError(f"line {number} of {name} is not English<TAB>Spanish: "
-                                f"{line[:50]!r}")
-            continue
-        pairs.append((fields[0], fields[1]))
+        if len(fields) >= 2 and fields[0] and fields[1]:
+            pairs.append((fields[0], fields[1]))
+        elif line.strip():
+            raise UserError(f"line {number} of {name} is not English<TAB>Spanish: {line[:50]!r}")
     if not pairs:
         raise UserError(f"{name} holds no sentence pairs; give a file of English<TAB>Spanish lines")
     return pairs
@@ -212,7 +208,6 @@ def read_translation_pairs(cfg):
                             f"give a UTF-8 file of English<TAB>Spanish lines") from None
     path = os.path.join(cfg.data_dir, "spa-eng.zip")
     if not os.path.exists(path):
-        print(f"downloading {SPA_ENG_URLS[0]} to {path}")
         download(SPA_ENG_URLS, path, SPA_ENG_SHA256)
     try:
         with zipfile.ZipFile(path) as z:
@@ -271,7 +266,8 @@ class Tokenizer:
 
 def load_task(cfg, saved=None):
     """The task's data: tokenizers, train and val as (src ids, tgt ids), heldout as (src, tgt)
-    strings and their references (every right answer). `saved`: a checkpoint's vocabularies."""
+    strings and their references (every right answer). `saved`: a checkpoint's vocabularies,
+    kept so that the same ids mean the same tokens."""
     words = cfg.task == "translate"
     if words:
         pairs = read_translation_pairs(cfg)
@@ -281,7 +277,7 @@ def load_task(cfg, saved=None):
         references = [[tgt] for _, tgt in heldout]
     if not train or not heldout:
         raise UserError(f"{cfg.task} has {len(train)} training and {len(heldout)} held-out pairs")
-    if saved:  # a resumed run keeps its vocabularies, so the same ids mean the same tokens
+    if saved:
         src_tok, tgt_tok = Tokenizer(saved["src"], words), Tokenizer(saved["tgt"], words)
     else:
         count = cfg.min_count if words else 1
@@ -320,6 +316,14 @@ def get_batch(pairs, batch_size, generator, by_length=False):
     ix = torch.randint(len(pairs), (batch_size,), generator=generator).tolist()
     return collate([pairs[i] for i in ix])
 
+    """batch_size random examples; or, by_length, a window of the length-sorted pairs: little
+    padding, but alike examples whose gradients pull in turns (the synthetic tasks learn slower)."""
+    if by_length:
+        start = torch.randint(max(len(pairs) - batch_size, 0) + 1, (1,), generator=generator).item()
+        return collate(pairs[start:start + batch_size])
+    ix = torch.randint(len(pairs), (batch_size,), generator=generator).tolist()
+    return collate([pairs[i] for i in ix])
+
 # -----------------------------------------------------------------------------
 # Model
 
@@ -343,7 +347,6 @@ class Attention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.use_sdpa, self.dropout = config.n_head, config.use_sdpa, config.dropout
         C = config.n_embd
         # gpt.py makes q, k and v in one matmul; here queries may come from another sequence
@@ -365,10 +368,10 @@ class Attention(nn.Module):
             k, v = self.kv(memory).split(C, dim=2)  # 2 x (B, L, C)
             k = k.view(B, L, nh, hs).transpose(1, 2)  # (B, nh, L, hs)
             v = v.view(B, L, nh, hs).transpose(1, 2)  # (B, nh, L, hs)
-            if cache:  # decoding: prepend the keys and values of the earlier positions
-                k = torch.cat([cache["k"], k], dim=2)  # (B, nh, L, hs)
-                v = torch.cat([cache["v"], v], dim=2)  # (B, nh, L, hs)
-            if cache is not None:
+            if cache is not None:  # decoding: prepend the keys and values of the earlier positions
+                if cache:
+                    k = torch.cat([cache["k"], k], dim=2)  # (B, nh, L, hs)
+                    v = torch.cat([cache["v"], v], dim=2)  # (B, nh, L, hs)
                 cache["k"], cache["v"] = k, v
         if self.use_sdpa:
             y = F.scaled_dot_product_attention(
@@ -509,6 +512,7 @@ def build_model(cfg, vocab, state_dict=None):
                             "was it written by another version of seq2seq.py?") from None
     return model.to(cfg.device)
 
+
 # -----------------------------------------------------------------------------
 # Training
 
@@ -528,23 +532,20 @@ def make_optimizers(model, cfg):
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # update all tensors at once: one fused kernel on CUDA, batched ("foreach") ops elsewhere
     batched = {"fused": True} if cfg.device.startswith("cuda") else {"foreach": True}
-    optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
-                                    **batched)]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["peak_lr"] = group["lr"]  # lr_at scales this peak
-    return optimizers
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), **batched)
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]  # lr_at scales this peak
+    return [optimizer]
 
 def set_lr(optimizers, factor):
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["peak_lr"] * factor
+    for group in (group for opt in optimizers for group in opt.param_groups):
+        group["lr"] = group["peak_lr"] * factor
 
 def train_step(model, optimizers, scaler, autocast, batches, cfg):
     """One optimizer step: forward and backward over the micro-batches, clip, update.
     model(*batch) returns (output, loss). Returns the loss of the last micro-batch."""
     for i, batch in enumerate(batches):
-        # under DDP (gpt.py only), average gradients across processes only on the last micro-step
+        # under DDP, average gradients across processes only on the last micro-step
         last = i == len(batches) - 1
         sync = (model.no_sync() if hasattr(model, "no_sync") and not last
                 else contextlib.nullcontext())
@@ -588,13 +589,14 @@ def train(model, data, cfg, ckpt=None):
     if ckpt:
         restore_training(ckpt, optimizers, generator, run)
     fast = torch.compile(model) if cfg.compile else model
-    print(f"training for {budget_text(cfg)}, {cfg.batch_size * cfg.grad_accum} examples per step"
+    budget = f"{cfg.train_seconds:.0f}s" if cfg.train_seconds else f"{cfg.max_iters} steps"
+    print(f"training for {budget}, {cfg.batch_size * cfg.grad_accum} examples per step"
           + (f", resuming at step {run.step}" if ckpt else ""))
 
     def state():
         return checkpoint_state(model, optimizers, run, cfg, data, generator)
 
-    first_step, t_log, step_at_log, tokens = run.step, time.time(), run.step, 0
+    t_log, step_at_log, first_step, tokens = time.time(), run.step, run.step, 0
     try:
         while True:
             finished = progress(run, cfg) >= 1.0
@@ -617,8 +619,9 @@ def train(model, data, cfg, ckpt=None):
             if run.step % cfg.log_interval == 0:
                 elapsed = time.time() - t_log
                 per_step = elapsed / (run.step - step_at_log)
+                eta = (1 - progress(run, cfg)) * (cfg.train_seconds or cfg.max_iters * per_step)
                 print(progress_line(run.step, loss, optimizers[0].param_groups[0]["lr"], per_step,
-                                    tokens / elapsed, "tok", eta(run, cfg, per_step)))
+                                    tokens / elapsed, "tok", eta))
                 t_log, step_at_log, tokens = time.time(), run.step, 0
     except KeyboardInterrupt:
         print(f"\ninterrupted at step {run.step}; the best checkpoint (val loss "
@@ -632,7 +635,7 @@ def evaluate_and_save(model, data, cfg, autocast, run, state):
     """Estimate both losses and the held-out score, save the model if the val loss improved, and
     say when the score first reaches TARGET_SCORE."""
     losses = [estimate_loss(model, pairs, cfg, autocast) for pairs in (data.train, data.val)]
-    _, score = heldout_score(model, data, cfg, cfg.eval_examples)
+    score = heldout_score(model, data, cfg, cfg.eval_examples)[2]
     run.history.append((run.step, *losses))
     note = ""
     if losses[1] < run.best_val_loss:
@@ -650,19 +653,11 @@ def progress(run, cfg):
     """How far training is, 0 -> 1: by the clock, or by steps when train_seconds = 0."""
     return run.seconds / cfg.train_seconds if cfg.train_seconds else run.step / cfg.max_iters
 
-def eta(run, cfg, per_step):
-    if cfg.train_seconds:
-        return cfg.train_seconds - run.seconds
-    return (cfg.max_iters - run.step) * per_step
-
 # -----------------------------------------------------------------------------
 # Evaluation and decoding
 
 def new_caches(model):
     return [{"self": {}, "cross": {}} for _ in model.decoder]
-
-def until_eos(ids):
-    return ids[:ids.index(EOS)] if EOS in ids else ids
 
 @torch.no_grad()
 def greedy_decode(model, src, max_len, use_cache=True):
@@ -679,7 +674,7 @@ def greedy_decode(model, src, max_len, use_cache=True):
         done |= next_id == EOS
         if done.all():
             break
-    return [until_eos(row) for row in out[:, 1:].tolist()]
+    return [row[:row.index(EOS)] if EOS in row else row for row in out[:, 1:].tolist()]
 
 @torch.no_grad()
 def beam_search(model, src, beam_size, max_len):
@@ -757,38 +752,32 @@ def corpus_bleu(hypotheses, references, max_n=4):
 def score_name(task):
     return "BLEU" if task == "translate" else "exact match %"
 
-def is_right(output, refs, tgt_tok):
-    """The same tokens as one of the references (translate's references keep their capitals)."""
-    return tgt_tok.split(output) in [tgt_tok.split(r) for r in refs]
-
 def heldout_score(model, data, cfg, n=None, beam_size=1):
-    """Decode the first n held-out sources (all by default); -> (outputs, score): exact match in
-    percent for the synthetic tasks, corpus BLEU on words for translate."""
-    heldout, references, tgt_tok = data.heldout[:n], data.references[:n], data.tgt_tok
+    """Decode the first n held-out sources (all by default); -> (outputs, right, score): right
+    says which outputs have the tokens of a reference (translate's keep their capitals), score
+    is exact match in percent for the synthetic tasks, corpus BLEU on words for translate."""
+    heldout, tok = data.heldout[:n], data.tgt_tok
     sources = [(data.src_tok.encode(s) + [EOS])[:cfg.block_size] for s, _ in heldout]
-    outputs = [tgt_tok.decode(ids) for ids in decode_all(model, sources, cfg, beam_size)]
+    outputs = [tok.decode(ids) for ids in decode_all(model, sources, cfg, beam_size)]
+    hypotheses = [tok.split(o) for o in outputs]
+    references = [[tok.split(r) for r in refs] for refs in data.references[:n]]
+    right = [hyp in refs for hyp, refs in zip(hypotheses, references)]
     if cfg.task == "translate":
-        return outputs, corpus_bleu([tgt_tok.split(o) for o in outputs],
-                                    [[tgt_tok.split(r) for r in refs] for refs in references])
-    right = sum(is_right(o, refs, tgt_tok) for o, refs in zip(outputs, references))
-    return outputs, 100 * right / len(outputs)
+        return outputs, right, corpus_bleu(hypotheses, references)
+    return outputs, right, 100 * sum(right) / len(right)
 
 def attention_picture(model, src_ids, out_ids, src_tok, tgt_tok):
     """The last decoder block's cross-attention, averaged over heads, as characters: a row per
     output token (the one it wrote), a column per source token, darker = more."""
-    hand_written = [block.cross_attn for block in model.decoder]
-    for attn in hand_written:  # the fused path does not give the weights back
-        attn.use_sdpa = False
-    try:
-        model.eval()
-        with torch.no_grad():
-            memory, src_mask = model.encode(torch.tensor([src_ids], device=model.pos.device))
-            model.decode(torch.tensor([[BOS] + out_ids], device=model.pos.device), memory, src_mask)
-    finally:
-        for attn in hand_written:
-            attn.use_sdpa = model.config.use_sdpa
-        model.train()
-    weights = hand_written[-1].att[0].float().mean(dim=0).cpu()  # (T, S), rows sum to 1
+    attn = model.decoder[-1].cross_attn
+    attn.use_sdpa = False  # the fused path does not give the weights back
+    model.eval()
+    with torch.no_grad():
+        memory, src_mask = model.encode(torch.tensor([src_ids], device=model.pos.device))
+        model.decode(torch.tensor([[BOS] + out_ids], device=model.pos.device), memory, src_mask)
+    attn.use_sdpa = model.config.use_sdpa
+    model.train()
+    weights = attn.att[0].float().mean(dim=0).cpu()  # (T, S), rows sum to 1
     shades = " .:-=+*#%@"
     columns = [src_tok.tokens[i] for i in src_ids]
     widths = [len(c) + (1 if src_tok.words else 0) for c in columns]
@@ -822,23 +811,23 @@ def plot_losses(history, width=60, height=12):
 def report(model, data, cfg):
     """The score on every held-out example (greedy; beam search too for translate), examples,
     the first mistakes and one example's cross-attention; -> the greedy score."""
-    greedy, score = heldout_score(model, data, cfg)
+    outputs, right, score = heldout_score(model, data, cfg)
     n, name = len(data.heldout), score_name(cfg.task)
     print(f"held-out {name} on {n} examples, greedy: {score:.2f}")
     if cfg.beam_size > 1 and cfg.task == "translate":  # the synthetic tasks are scored greedily
         t0 = time.time()
-        beam_score = heldout_score(model, data, cfg, beam_size=cfg.beam_size)[1]
+        beam_score = heldout_score(model, data, cfg, beam_size=cfg.beam_size)[2]
         print(f"held-out {name} on {n} examples, beam {cfg.beam_size}: {beam_score:.2f} "
               f"({time.time() - t0:.0f}s)")
-    rows = [(src, out, refs, is_right(out, refs, data.tgt_tok))
-            for (src, _), out, refs in zip(data.heldout, greedy, data.references)]
+    rows = [(src, out, refs[0], ok) for (src, _), out, refs, ok
+            in zip(data.heldout, outputs, data.references, right)]
     print("-" * 60 + "\nexamples (source -> greedy output; below it a reference if it is wrong):")
-    for src, out, refs, right in rows[:10]:
-        print(f"  {src} -> {out}" + ("" if right else f"\n  {' ' * len(src)}    {refs[0]}"))
+    for src, out, ref, ok in rows[:10]:
+        print(f"  {src} -> {out}" + ("" if ok else f"\n  {' ' * len(src)}    {ref}"))
     mistakes = [row for row in rows if not row[3]]
     print(f"first mistakes ({len(mistakes)} of {n} outputs match no reference):")
-    for src, out, refs, _ in mistakes[:5]:
-        print(f"  {src} -> {out} (expected {refs[0]})")
+    for src, out, ref, _ in mistakes[:5]:
+        print(f"  {src} -> {out} (expected {ref})")
     longest = max(rows[:10], key=lambda row: len(row[0]))[0]
     print("-" * 60 + f"\ncross-attention of the last decoder block for {longest!r}:")
     answer(model, (data.src_tok.encode(longest) + [EOS])[:cfg.block_size], data, cfg, 1)
@@ -882,6 +871,7 @@ def main(argv=(), **overrides):
         cfg, given = follow_checkpoint_task(argv, cfg, given, ckpt)
         restore_config(cfg, given, ckpt)
     cfg.device = choose_device(cfg.device)
+    autocast, _ = autocast_for(cfg.device, cfg.dtype)  # this also refuses a bad --dtype, now
     torch.manual_seed(cfg.seed)
     if cfg.infer:
         words = cfg.task == "translate"
@@ -897,7 +887,8 @@ def main(argv=(), **overrides):
     check_writable(cfg.checkpoint)
     data = load_task(cfg, ckpt and ckpt["data"])
     src_ids = text_ids(data.src_tok, cfg) if cfg.text else None
-    prepare_output(cfg)
+    if not cfg.resume:  # a new run never replaces an earlier run's checkpoint
+        keep_previous(cfg.checkpoint)
     vocab = {"src": data.src_tok.tokens, "tgt": data.tgt_tok.tokens}
     model = build_model(cfg, vocab, ckpt and ckpt["model"])
     print(f"seq2seq.py | task {cfg.task} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -909,7 +900,7 @@ def main(argv=(), **overrides):
     model.load_state_dict(best["model"])
     print(f"best checkpoint: step {best['step']}, val loss {best['best_val_loss']:.4f}\n"
           + plot_losses(history))
-    with autocast_for(cfg.device, cfg.dtype)[0]:
+    with autocast:
         score = report(model, data, cfg)
         output = answer(model, src_ids, data, cfg, cfg.beam_size) if cfg.text else None
     print(f"run took {format_time(time.time() - t_start)}")
@@ -936,9 +927,8 @@ def settings(argv):
     """This run's defaults: the constants, then the row of TASKS of the task named on the
     command line (or by the `task` constant). A key is a constant or a column, never both."""
     defaults = hyperparameters()
-    chosen = defaults["task"]
-    for arg in argv:
-        chosen = arg.removeprefix("--task=") if arg.startswith("--task=") else chosen
+    named = [arg.removeprefix("--task=") for arg in argv if arg.startswith("--task=")]
+    chosen = named[-1] if named else defaults["task"]
     if chosen not in TASKS:
         raise UserError(f"unknown task {chosen!r}; choose one of {', '.join(TASKS)}")
     defaults.update(TASKS[chosen], task=chosen)
@@ -959,7 +949,7 @@ def help_text(defaults):
     source = "".join(linecache.getlines(help_text.__code__.co_filename))  # empty in an exec'd cell
     found = re.findall(r"^\s*\"?(\w+)\"?\s*[=:] .*?  # (.*)$", source, re.MULTILINE)
     comments = dict(reversed(found))  # the first comment of a name: the constant's, at the top
-    lines = [f"  --{name}={value!r:<16} {comments.get(name, '')}"
+    lines = [f"  --{name}={value!r:<{28 - len(name)}} {comments.get(name, '')}"
              for name, value in defaults.items()]
     return "options (the values this run would use):\n" + "\n".join(lines)
 
@@ -1009,8 +999,6 @@ def check_config(cfg):
          "--n_train, --val_size, --eval_examples and --min_count must be at least 1"),
         (not (0 <= cfg.dropout < 1 and 0 <= cfg.label_smoothing < 1),
          "--dropout and --label_smoothing must lie in [0, 1)"),
-        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"),
-         f"--dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}"),
         (cfg.infer and not cfg.text.strip(), "--infer needs a source: e.g. --text='5 Mar 19'"),
     ]
     for bad, message in problems:
@@ -1046,39 +1034,26 @@ def autocast_for(device, dtype):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)), dtype == "float16"
 
-def prepare_output(cfg):
-    """Before training: the checkpoint folder must be writable, and a new run keeps an earlier
-    checkpoint at the same path beside it instead of replacing it."""
-    check_writable(cfg.checkpoint)
-    if not cfg.resume:
-        kept = keep_previous(cfg.checkpoint)
-        if kept:
-            print(f"an earlier checkpoint was at {cfg.checkpoint}; kept it as {kept}")
-
-def keep_previous(path):
-    """Move an earlier checkpoint at `path` aside to the first free name: out/gpt.1.pt, ..."""
-    if not os.path.exists(path):
-        return None
-    stem, ext = os.path.splitext(path)
-    n = 1
-    while os.path.exists(f"{stem}.{n}{ext}"):
-        n += 1
-    os.replace(path, f"{stem}.{n}{ext}")
-    return f"{stem}.{n}{ext}"
-
 def check_writable(path):
-    """Fail now, not after training, if the checkpoint cannot be written where --checkpoint says."""
+    """Fail now, before training, not at the first save, if `path` cannot be written."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"--checkpoint={path} is a folder; name a file in it, "
                         f"e.g. {os.path.join(path, 'model.pt')}")
     folder = os.path.dirname(path) or "."
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise UserError(f"cannot write checkpoints in {folder!r} ({e.strerror}); "
                         f"choose another --checkpoint") from None
+
+def keep_previous(path):
+    """Before a new run saves, move an earlier checkpoint aside: out/gpt.pt -> out/gpt.1.pt."""
+    if os.path.exists(path):
+        stem, ext = os.path.splitext(path)
+        n = next(n for n in range(1, 10**6) if not os.path.exists(f"{stem}.{n}{ext}"))
+        os.replace(path, f"{stem}.{n}{ext}")
+        print(f"kept the earlier checkpoint at {path} as {stem}.{n}{ext}")
 
 def checkpoint_state(model, optimizers, run, cfg, data, generator):
     """Everything a later run needs: weights, optimizer state, progress, settings, vocabularies
@@ -1129,9 +1104,6 @@ def restore_config(cfg, given, ckpt):
                             f"holds {name}={saved}; leave --{name} out or use another --checkpoint")
         setattr(cfg, name, saved)
 
-def budget_text(cfg):
-    return f"{cfg.train_seconds:.0f}s" if cfg.train_seconds else f"{cfg.max_iters} steps"
-
 def format_time(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -1145,27 +1117,23 @@ SPA_ENG_URLS = ["https://storage.googleapis.com/download.tensorflow.org/data/spa
 SPA_ENG_SHA256 = "0c4fd7825d3d872488d38c157f784e035edab4f2ff0df25a2a208790ecb5b58f"
 
 def download(urls, path, checksum):
-    """Fetch the first of `urls` that works into `path`, checking its sha256. The bytes go to
-    path.part, renamed only when complete and correct: a failure leaves nothing behind."""
+    """Fetch the first of `urls` that works into `path`, checking its sha256 first: a failed or
+    corrupted download leaves nothing behind, and a crash mid-write only path.part."""
+    print(f"downloading {urls[0]} to {path}")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    part, problems = path + ".part", []
+    problems = []
     for url in urls:
         try:
-            sha = hashlib.sha256()
-            with requests.get(url, stream=True, timeout=30) as response:
-                response.raise_for_status()
-                with open(part, "wb") as f:
-                    for chunk in response.iter_content(1 << 16):
-                        f.write(chunk)
-                        sha.update(chunk)
-            if sha.hexdigest() != checksum:
+            response = requests.get(url, timeout=30)  # 2.6 MB: held in memory until checked
+            response.raise_for_status()
+            if hashlib.sha256(response.content).hexdigest() != checksum:
                 raise ValueError("the file's sha256 is not the expected one")
-            os.replace(part, path)
+            with open(path + ".part", "wb") as f:
+                f.write(response.content)
+            os.replace(path + ".part", path)
             return path
         except (requests.RequestException, OSError, ValueError) as e:
             problems.append(f"{url}: {type(e).__name__}")
-            if os.path.exists(part):
-                os.remove(part)
     raise UserError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); "
                     f"fetch it from {urls[0]} yourself and put it at {path}")
 

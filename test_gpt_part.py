@@ -65,8 +65,9 @@ def shakespeare(tmp_path):
 
 def tiny_gpt(vocab_size=11, block_size=8, **switches):
     torch.manual_seed(0)
-    config = gpt.GPTConfig(vocab_size, block_size, n_layer=2, n_head=2, n_embd=16, **switches)
-    model = gpt.GPT(config).eval()
+    config = {**gpt.hyperparameters(), "vocab_size": vocab_size, "block_size": block_size,
+              "n_layer": 2, "n_head": 2, "n_embd": 16, **switches}
+    model = gpt.GPT(gpt.SimpleNamespace(**config)).eval()
     for p in model.parameters():  # zero-initialised layers would hide what the tests look for
         p.data.normal_(0, 0.3)
     return model

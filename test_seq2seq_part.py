@@ -236,7 +236,7 @@ def test_the_run_says_when_the_heldout_score_first_reaches_99_5(tmp_path, monkey
     data = seq2seq.load_task(cfg)
     model = seq2seq.build_model(cfg, {"src": data.src_tok.tokens, "tgt": data.tgt_tok.tokens})
     scores = iter([50.0, 99.0, 99.6, 100.0])  # one per evaluation, at steps 1, 2, 3 and 4
-    monkeypatch.setattr(seq2seq, "heldout_score", lambda *args, **kwargs: ([], next(scores)))
+    monkeypatch.setattr(seq2seq, "heldout_score", lambda *args, **kwargs: ([], [], next(scores)))
     seq2seq.train(model, data, cfg)
     out = capsys.readouterr().out
     assert out.count("reached 99.5% at step") == 1 and "reached 99.5% at step 3," in out
@@ -365,7 +365,7 @@ def test_a_second_run_keeps_the_first_runs_checkpoint(trained, tmp_path, capsys)
     shutil.copy(path, first)
     before = first.read_bytes()
     seq2seq.main([*TINY_SEQ2SEQ, "--max_iters=2", f"--checkpoint={first}"])
-    assert f"kept it as {tmp_path / 'dates.1.pt'}" in capsys.readouterr().out
+    assert f"as {tmp_path / 'dates.1.pt'}" in capsys.readouterr().out
     assert (tmp_path / "dates.1.pt").read_bytes() == before
     assert torch.load(first, weights_only=False)["step"] == 2  # the new run's own
 

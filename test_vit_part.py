@@ -126,6 +126,7 @@ def vit_trained(tmp_path_factory):
     home = tmp_path_factory.mktemp("vit_trained")
     vit_synthetic_folder(home / "data" / "mnist", n_train=120, n_test=20)
     torch.save({"script": "gpt.py", "config": {}}, home / "gpt.pt")
+    torch.save({"script": "vit.py", "config": {}, "model": {}}, home / "old.pt")  # before "data"
     (home / "notes.txt").write_text("a file, not a folder")
     vit.main(TINY_VIT + [f"--data_dir={home}/data/mnist", f"--checkpoint={home}/out/vit-mnist.pt"])
     return home
@@ -200,7 +201,7 @@ def test_vit_idx_reader_parses_images_and_labels(tmp_path):
     assert np.array_equal(vit.read_idx(str(tmp_path / "lab.gz")), labels)
     with gzip.open(tmp_path / "short.gz", "wb") as f:
         f.write(gzip.decompress((tmp_path / "img.gz").read_bytes())[:-100])
-    with pytest.raises(vit.UserError, match="header promises"):
+    with pytest.raises(vit.UserError, match="damaged"):
         vit.read_idx(str(tmp_path / "short.gz"))
 
 
@@ -430,6 +431,7 @@ NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="this mach
     (["--infer", "--index=20"], ["--index=20 is out of range"]),
     (["--infer", "--n_embd=32"], ["--n_embd=32 contradicts the checkpoint", "n_embd=16"]),
     (["--infer", "--checkpoint=gpt.pt"], ["written by gpt.py"]),
+    (["--infer", "--checkpoint=old.pt"], ["written by an older vit.py", "train it again"]),
     (["--infer", "--checkpoint=out"], ["--checkpoint=out is a folder"]),
     (["--resume", "--checkpoint=missing.pt"], ["no checkpoint at 'missing.pt'"]),
 ])

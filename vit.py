@@ -1,5 +1,4 @@
-"""
-vit.py - a Vision Transformer, written out in one file you can read top to bottom.
+"""vit.py - a Vision Transformer, written out in one file you can read top to bottom.
 
 It learns to read handwritten digits (MNIST) or photos of clothes (Fashion-MNIST): cut each
 28x28 image into square patches, make every patch a token with one Linear layer (gpt.py looks
@@ -13,18 +12,19 @@ and random shifts (a classifier sees the same 55,000 pictures many times); teste
     python vit.py --infer --index=7    # test image 7, the checkpoint's answer and its attention
     python vit.py --resume             # continue from the best checkpoint
     python vit.py --help               # every option with the value this run would use
-In a notebook: paste the whole file into a cell and run it, or call main(n_layer=2) from a cell.
+    main(n_layer=2)                    # in a notebook, after pasting this file into a cell
 
 You should see a header, a progress line every log_interval steps, the held-out loss and
-accuracy every eval_interval steps, then the test accuracy per class, the confusion matrix, a
-few test images drawn beside where the model looked, and the loss curve: about 10 minutes in
-all, on a laptop CPU too (train_seconds is the budget; a GPU does more steps in it).
+accuracy every eval_interval steps, then the test accuracy, the confusion matrix, a few test
+images drawn beside where the model looked, and the loss curve: about 10 minutes in all, on a
+laptop CPU too (train_seconds is the budget; a GPU does more steps in it).
 
 Shapes: B batch, H, W image height and width (28), P patch size, N patches (H/P * W/P),
 T tokens (N, and one for CLS), C channels (n_embd), nh heads, hs head size (C // nh), K classes.
 """
 
-import contextlib, gzip, hashlib, linecache, math, os, re, struct, sys, tempfile, time
+import gzip, hashlib, linecache, math, os, re, struct, sys, tempfile, time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -94,24 +94,6 @@ CLASSES = {"mnist": [str(k) for k in range(10)],
            "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                        "Sneaker", "Bag", "Ankle boot"]}
 
-def read_idx(path):
-    """A gzipped IDX file as a numpy array. Header: two zero bytes, a type byte (0x08 = bytes),
-    the number of dimensions, then each size as a big-endian 32-bit integer; the data follows."""
-    fix = "delete it and run again to download it afresh"
-    try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path!r} is damaged ({type(e).__name__}); {fix}") from None
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-        raise UserError(f"{path!r} is not an IDX file of bytes; {fix}")
-    shape = struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3])
-    if data.size != math.prod(shape):
-        raise UserError(f"{path!r} holds {data.size:,} bytes of data where its header promises "
-                        f"{math.prod(shape):,}; {fix}")
-    return data.reshape(shape)
-
 def load_dataset(name, data_dir):
     """Train and test images (N, H, W) uint8 with labels (N,), and the class names."""
     mirrors, md5s = SOURCES[name]
@@ -120,14 +102,13 @@ def load_dataset(name, data_dir):
         path = os.path.join(data_dir, file)
         if not os.path.exists(path):  # files already in the folder are trusted, as torchvision does
             download([mirror + file for mirror in mirrors], path, md5)
-        arrays.append(torch.from_numpy(read_idx(path).copy()))
+        arrays.append(torch.from_numpy(read_idx(path)))
     train_x, train_y, test_x, test_y = arrays  # (60000, H, W), (60000,), (10000, H, W), (10000,)
     return {"train": (train_x, train_y.long()), "test": (test_x, test_y.long()),
             "classes": CLASSES[name]}
 
 def random_shift(images, shift, generator):
-    """Move each image (B, H, W) by its own random offset of up to `shift` pixels; the border
-    fills with black. One gather for the whole batch, so augmentation stays cheap."""
+    """Move each image (B, H, W) by up to `shift` pixels, filling with black: one gather."""
     B, H, W = images.shape
     padded = F.pad(images, (shift, shift, shift, shift))  # (B, H + 2s, W + 2s)
     dy, dx = torch.randint(0, 2 * shift + 1, (2, B, 1), generator=generator)  # (B, 1): a corner
@@ -171,7 +152,6 @@ class SelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
         self.n_head, self.use_sdpa, self.dropout = config.n_head, config.use_sdpa, config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # q, k, v in one matmul
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)  # mixes the heads back
@@ -283,9 +263,9 @@ def build_model(cfg, n_classes, weights=None):
 def lr_at(step, progress, cfg):
     """The learning-rate multiplier: linear warmup for warmup_iters steps, then cosine from 1
     down to min_lr / learning_rate as progress goes 0 -> 1."""
+    floor = cfg.min_lr / cfg.learning_rate
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
-    floor = cfg.min_lr / cfg.learning_rate
     return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 def make_optimizers(model, cfg):
@@ -300,12 +280,12 @@ def make_optimizers(model, cfg):
     return [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), **batched)]
 
 def train_step(model, optimizers, scaler, autocast, batches, cfg):
-    """One optimizer step: forward and backward over the micro-batches, clip, update; the loss."""
+    """One optimizer step: forward and backward over the micro-batches, clip, update.
+    model(*batch) returns (output, loss). Returns the loss of the last micro-batch."""
     for i, batch in enumerate(batches):
-        # under DDP (gpt.py only), average gradients across processes only on the last micro-step
+        # under DDP, average gradients across processes only on the last micro-step
         last = i == len(batches) - 1
-        skip_sync = hasattr(model, "no_sync") and not last
-        sync = model.no_sync() if skip_sync else contextlib.nullcontext()
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
         with sync, autocast:
             _, loss = model(*batch)
         scaler.scale(loss / len(batches)).backward()
@@ -325,8 +305,8 @@ def train_step(model, optimizers, scaler, autocast, batches, cfg):
 
 @torch.no_grad()
 def estimate_loss(model, images, labels, cfg, autocast, batch_size=500):
-    """The mean loss over images (N, H, W) uint8 with labels (N,), and each prediction (N,). Every
-    image, where gpt.py samples eval_iters batches: a few thousand images are cheap to measure."""
+    """The mean loss over images (N, H, W) uint8 with labels (N,), and each prediction (N,).
+    Every image counts, where gpt.py samples eval_iters batches: a few thousand are cheap."""
     model.eval()
     total, predictions = 0.0, []
     for i in range(0, len(images), batch_size):
@@ -345,8 +325,6 @@ def evaluate_and_save(model, optimizers, splits, run, cfg, autocast, classes):
     run.history.append((run.step, train_loss, val_loss))
     note = ""
     if val_loss < run.best_val_loss:
-        if run.best_val_loss == math.inf:  # this run's first save: never lose an earlier one
-            keep_previous(cfg.checkpoint)
         run.best_val_loss, note = val_loss, f" (best, saved to {cfg.checkpoint})"
         save_checkpoint(cfg.checkpoint, {
             "script": "vit.py", "config": vars(cfg), "model": model.state_dict(),
@@ -357,6 +335,10 @@ def evaluate_and_save(model, optimizers, splits, run, cfg, autocast, classes):
     accuracy = (guesses == splits[1][1]).float().mean().item()
     print(f"step {run.step}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | "
           f"val accuracy {100 * accuracy:.2f}%{note}")
+
+def progress(run, cfg):
+    """How far training is, 0 -> 1: by the clock, or by steps when train_seconds = 0."""
+    return run.seconds / cfg.train_seconds if cfg.train_seconds else run.step / cfg.max_iters
 
 def train(cfg, data, ckpt=None):
     """Train, keeping the checkpoint with the lowest validation loss: (model, history)."""
@@ -373,51 +355,57 @@ def train(cfg, data, ckpt=None):
     scaler = torch.amp.GradScaler(enabled=use_scaler)
     run = SimpleNamespace(step=0, seconds=0.0, best_val_loss=math.inf, history=[],
                           generator=torch.Generator().manual_seed(cfg.seed))  # batches, shifts
-    if ckpt:
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        run.step, run.seconds, run.history = ckpt["step"], ckpt["seconds"], ckpt["history"]
-        run.best_val_loss = ckpt["best_val_loss"]
+    if ckpt:  # continue exactly where the checkpoint stopped
+        for opt, saved in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(saved)
+        run.step, run.seconds = ckpt["step"], ckpt["seconds"]
+        run.best_val_loss, run.history = ckpt["best_val_loss"], ckpt["history"]
         run.generator.set_state(ckpt["rng"]["batches"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-    compiled = torch.compile(model) if cfg.compile else model
+    fast = torch.compile(model) if cfg.compile else model  # `model` itself is the one saved
     images_per_step = cfg.batch_size * cfg.grad_accum
     print(f"vit.py | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
           f"{cfg.device} | {cfg.dataset}: {len(train_x):,} train, {cfg.val_size:,} val images | "
           f"{(28 // cfg.patch_size) ** 2} patches | {images_per_step} images per step"
           + (f" | resuming at step {run.step}" if ckpt else ""))
-    start, logged = run.step, (run.step, run.seconds)
+    first_step, step_at_log, seconds_at_log = run.step, run.step, run.seconds
     while True:
         finished = progress(run, cfg) >= 1.0
-        if (run.step % cfg.eval_interval == 0 and run.step > start) or finished:
+        if finished or run.step % cfg.eval_interval == 0 and run.step > first_step:
             evaluate_and_save(model, optimizers, splits, run, cfg, autocast, data["classes"])
         if finished:
             return model, run.history
         t0 = time.time()
-        set_lr(optimizers, lr_at(run.step, progress(run, cfg), cfg))
+        factor = lr_at(run.step, progress(run, cfg), cfg)
+        for group in [group for opt in optimizers for group in opt.param_groups]:
+            group["lr"] = group["peak_lr"] * factor  # each group's own peak, on one schedule
         batches = [get_batch(train_x, train_y, cfg.batch_size, run.generator, cfg.shift)
                    for _ in range(cfg.grad_accum)]
         batches = [(x.to(cfg.device), y.to(cfg.device)) for x, y in batches]
-        loss = train_step(compiled, optimizers, scaler, autocast, batches, cfg)
+        loss = train_step(fast, optimizers, scaler, autocast, batches, cfg)
         run.step += 1
-        run.seconds += time.time() - t0  # training time only: evaluation is not in the budget
+        run.seconds += time.time() - t0  # the clock counts training only, not evaluation
         if run.step % cfg.log_interval == 0:
-            per_step = (run.seconds - logged[1]) / (run.step - logged[0])
-            eta = max(0.0, 1 - progress(run, cfg)) * (cfg.train_seconds or cfg.max_iters * per_step)
+            per_step = (run.seconds - seconds_at_log) / (run.step - step_at_log)
+            eta = (1 - progress(run, cfg)) * (cfg.train_seconds or cfg.max_iters * per_step)
             print(progress_line(run.step, loss, optimizers[0].param_groups[0]["lr"], per_step,
                                 images_per_step / per_step, "images", eta))
-            logged = (run.step, run.seconds)
-
-def set_lr(optimizers, factor):
-    for group in (group for opt in optimizers for group in opt.param_groups):
-        group["lr"] = group["peak_lr"] * factor
-
-def progress(run, cfg):
-    """How far training is, 0 -> 1: by the clock, or by steps when train_seconds = 0."""
-    return run.seconds / cfg.train_seconds if cfg.train_seconds else run.step / cfg.max_iters
+            step_at_log, seconds_at_log = run.step, run.seconds
 
 # -----------------------------------------------------------------------------
 # Evaluation and pictures
+
+@torch.no_grad()
+def attention_over_patches(model, images):
+    """The logits (B, K) and where the model looked (B, N): the CLS token's attention row in the
+    last block, averaged over heads (with mean pooling, the attention each patch receives)."""
+    model.eval()  # no dropout: from here on the model is only looked at, not trained
+    last = model.blocks[-1].attn
+    last.use_sdpa = False  # the fused path does not give the weights back
+    logits, _ = model(images)  # (B, K)
+    last.use_sdpa = model.config.use_sdpa
+    att = last.att.mean(dim=1)  # (B, T, T), averaged over heads
+    return logits, att[:, 0, 1:] if model.config.pool == "cls" else att.mean(dim=1)  # (B, N)
 
 def draw(grid):
     """A (rows, cols) tensor in [0, 1] as lines of five greys; two pixel rows share one line, as a
@@ -432,24 +420,10 @@ def draw(grid):
     levels = (grid.clamp(0, 1) * (len(shades) - 1)).round().long()
     return ["".join(shades[v] for v in row) for row in levels.tolist()]
 
-def attention_over_patches(model, images):
-    """The logits (B, K) and where the model looked (B, N): the CLS token's attention row in the
-    last block, averaged over heads (with mean pooling, the attention each patch receives)."""
-    last = model.blocks[-1].attn
-    last.use_sdpa = False  # the fused path does not give the weights back
-    try:
-        model.eval()
-        with torch.no_grad():
-            logits, _ = model(images)  # (B, K)
-    finally:
-        last.use_sdpa = model.config.use_sdpa
-        model.train()
-    att = last.att.mean(dim=1)  # (B, T, T), averaged over heads
-    return logits, att[:, 0, 1:] if model.config.pool == "cls" else att.mean(dim=1)  # (B, N)
-
-def show_image(model, image, label, classes, device):
-    """Image (H, W) uint8 drawn beside where the model looked, with its answer: (lines, guess)."""
-    x = image[None].to(device).float() / 255  # (1, H, W)
+def show_image(model, image, label, classes, title):
+    """Print the model's answer for image (H, W) uint8, and the image beside where the model
+    looked; return the answer."""
+    x = image[None].float() / 255  # (1, H, W)
     logits, seen = attention_over_patches(model, x)  # (1, K), (1, N)
     probs = F.softmax(logits.float(), dim=-1)[0].cpu()  # (K,)
     guess = probs.argmax().item()
@@ -458,24 +432,10 @@ def show_image(model, image, label, classes, device):
     left, right = draw(x[0].cpu()), draw(seen.repeat_interleave(P, 0).repeat_interleave(P, 1))
     verdict = "right" if guess == label else f"wrong, it is {classes[label]}"
     looker = "CLS token" if model.config.pool == "cls" else "patches"
-    lines = [f"predicted {classes[guess]} ({100 * probs[guess]:.1f}%), {verdict}",
-             f"{'image':<{len(left[0]) + 4}}where the {looker} looked"]
-    return lines + [f"{a}    {b}" for a, b in zip(left, right)], guess
-
-def report(predictions, labels, classes):
-    """Test accuracy, accuracy per class and the confusion matrix, as lines of text."""
-    K = len(classes)
-    confusion = torch.zeros(K, K, dtype=torch.long)  # (K, K): rows true class, columns guess
-    confusion.index_put_((labels, predictions), torch.ones_like(labels), accumulate=True)
-    right = (predictions == labels).sum().item()
-    lines = [f"test accuracy: {100 * right / len(labels):.2f}% ({right} of {len(labels):,})",
-             "", "accuracy per class:"]
-    lines += [f"  {k} {classes[k]:<12} {100 * confusion[k, k] / confusion[k].sum():6.2f}%"
-              for k in range(K)]
-    lines += ["", "confusion matrix (rows: true class, columns: predicted class):",
-              "     " + "".join(f"{k:>6}" for k in range(K))]
-    return lines + [f"  {k}  " + "".join(f"{n:>6}" for n in confusion[k].tolist())
-                    for k in range(K)]
+    print(f"{title}\npredicted {classes[guess]} ({100 * probs[guess]:.1f}%), {verdict}")
+    print(f"{'image':<{len(left[0]) + 4}}where the {looker} looked")
+    print("\n".join(f"{a}    {b}" for a, b in zip(left, right)))
+    return guess
 
 def plot_losses(history, width=60, height=12):
     """The train (.) and val (o) loss over the steps, drawn with characters any console prints."""
@@ -496,40 +456,35 @@ def plot_losses(history, width=60, height=12):
     return "loss (. train, o val)\n" + "\n".join(lines)
 
 def final_report(model, history, cfg, data):
-    """Test the best checkpoint, once: the report, a few pictures, the loss curve; the accuracy."""
+    """Test the best checkpoint, once: the accuracy, per class and as a confusion matrix, a few
+    pictures, the loss curve. Returns the test accuracy."""
     ckpt = load_checkpoint(cfg.checkpoint)  # finish with the best model, the one that was saved
     model.load_state_dict(ckpt["model"])
-    test_x, test_y = data["test"]
+    (test_x, test_y), classes, K = data["test"], data["classes"], len(data["classes"])
     autocast, _ = autocast_for(cfg.device, cfg.dtype)
     _, guesses = estimate_loss(model, test_x, test_y, cfg, autocast)  # the only use of the test set
+    confusion = torch.zeros(K, K, dtype=torch.long)  # (K, K): rows true class, columns guess
+    confusion.index_put_((test_y, guesses), torch.ones_like(test_y), accumulate=True)
+    correct = confusion.trace().item()
     print(f"\nbest checkpoint: step {ckpt['step']}, val loss {ckpt['best_val_loss']:.4f}")
-    print("\n".join(report(guesses, test_y, data["classes"])))
+    print(f"test accuracy: {100 * correct / len(test_y):.2f}% ({correct} of {len(test_y):,})")
+    print("\nconfusion matrix (rows: true class, columns: predicted class) and accuracy per class:")
+    print("   " + "".join(f"{k:>6}" for k in range(K)))
+    for k in range(K):
+        row = "".join(f"{n:>6}" for n in confusion[k].tolist())
+        print(f"{k:>3}{row}  {100 * confusion[k, k] / confusion[k].sum():6.2f}% {classes[k]}")
+    # a few pictures: the first test images the model got right, and the first it got wrong
     right = (guesses == test_y).nonzero().flatten().tolist()
     wrong = (guesses != test_y).nonzero().flatten().tolist()
     for i in sorted(right[:cfg.num_show - cfg.num_show // 2] + wrong[:cfg.num_show // 2]):
-        lines, _ = show_image(model, test_x[i], test_y[i].item(), data["classes"], cfg.device)
-        print(f"\ntest image {i}: " + "\n".join(lines))
-    if len(history) > 1:
-        print("\n" + plot_losses(history))
-    return (guesses == test_y).float().mean().item()
-
-def predict(cfg, ckpt):
-    """--infer: show test image --index, the checkpoint model's answer and where it looked."""
-    classes = ckpt["data"]["classes"]
-    model = build_model(cfg, len(classes), ckpt["model"])
-    test_x, test_y = load_dataset(cfg.dataset, cfg.data_dir)["test"]
-    if not 0 <= cfg.index < len(test_x):
-        raise UserError(f"--index={cfg.index} is out of range; the test set has "
-                        f"{len(test_x):,} images, 0 to {len(test_x) - 1}")
-    print(f"test image {cfg.index} of {cfg.dataset}, model from {cfg.checkpoint} "
-          f"(step {ckpt['step']}, val loss {ckpt['best_val_loss']:.4f})")
-    lines, guess = show_image(model, test_x[cfg.index], test_y[cfg.index].item(), classes,
-                              cfg.device)
-    print("\n".join(lines))
-    return SimpleNamespace(model=model, cfg=cfg, classes=classes, prediction=classes[guess])
+        show_image(model, test_x[i].to(cfg.device), test_y[i].item(), classes, f"\ntest image {i}")
+    print("\n" + plot_losses(history))
+    return correct / len(test_y)
 
 # -----------------------------------------------------------------------------
 # main
+
+MODEL_KEYS = ("dataset", "patch_size", "n_layer", "n_head", "n_embd", "pool")  # from checkpoints
 
 def main(argv=(), **overrides):
     """Train, test and draw (or, with --infer, only predict one test image from the checkpoint).
@@ -540,22 +495,33 @@ def main(argv=(), **overrides):
         print(help_text(defaults))
         return None
     cfg, given = parse_args(argv, defaults)
-    ckpt = None
-    if cfg.infer or cfg.resume:
-        ckpt = load_checkpoint(cfg.checkpoint)
-        if "dataset" not in given:  # the checkpoint's dataset picks its row and its data_dir
-            argv = [f"--dataset={ckpt['config']['dataset']}", *argv]
-            cfg, given = parse_args(argv, settings(argv))
+    ckpt = load_checkpoint(cfg.checkpoint) if cfg.infer or cfg.resume else None
+    if ckpt and "dataset" not in given:  # the checkpoint's dataset picks its row and its data_dir
+        argv = [f"--dataset={ckpt['config']['dataset']}", *argv]
+        cfg, given = parse_args(argv, settings(argv))
+    if ckpt:
         restore_config(cfg, given, ckpt)
     check_config(cfg)
     cfg.device = choose_device(cfg.device)
-    if cfg.infer:
-        return predict(cfg, ckpt)
-    check_writable(cfg.checkpoint)
+    if cfg.infer:  # show one test image, the checkpoint's answer and where it looked
+        classes = ckpt["data"]["classes"]
+        model = build_model(cfg, len(classes), ckpt["model"])
+        test_x, test_y = load_dataset(cfg.dataset, cfg.data_dir)["test"]
+        if not 0 <= cfg.index < len(test_x):
+            raise UserError(f"--index={cfg.index} is out of range; the test set has "
+                            f"{len(test_x):,} images, 0 to {len(test_x) - 1}")
+        title = (f"test image {cfg.index} of {cfg.dataset}, model from {cfg.checkpoint} "
+                 f"(step {ckpt['step']}, val loss {ckpt['best_val_loss']:.4f})")
+        image, label = test_x[cfg.index].to(cfg.device), test_y[cfg.index].item()
+        guess = show_image(model, image, label, classes, title)
+        return SimpleNamespace(model=model, cfg=cfg, classes=classes, prediction=classes[guess])
     data = load_dataset(cfg.dataset, cfg.data_dir)
     if cfg.val_size >= len(data["train"][0]):
         raise UserError(f"--val_size={cfg.val_size} leaves no image to train on; "
                         f"the training set has {len(data['train'][0]):,}")
+    check_writable(cfg.checkpoint)
+    if not cfg.resume:  # a new run never replaces an earlier run's checkpoint
+        keep_previous(cfg.checkpoint)
     t_start = time.time()
     model, history = train(cfg, data, ckpt)
     accuracy = final_report(model, history, cfg, data)
@@ -569,6 +535,10 @@ def main(argv=(), **overrides):
 
 class UserError(Exception):
     """Something the user can fix: printed as one line, without a traceback."""
+
+def in_notebook():
+    """True inside Jupyter or Colab, whose kernel's own arguments are not meant for us."""
+    return "ipykernel" in sys.modules or sys.argv[0].endswith("kernel_launcher.py")
 
 def hyperparameters():
     """The constants at the top, as they are now: an edit made in a notebook cell counts."""
@@ -589,15 +559,16 @@ def settings(argv):
     return config
 
 def help_text(defaults):
-    """Every option with the value this run would use and, with the source at hand, its comment."""
+    """Every option with the value this run would use and, if the source is at hand, its comment."""
     source = "".join(linecache.getlines(help_text.__code__.co_filename))  # empty in an exec'd cell
-    comments = dict(re.findall(r"^\s*\"?(\w+)\"?\s*[=:] .*?  # (.*)$", source, re.MULTILINE))
-    lines = [f"  {f'--{name}={value!r}':<32} {comments.get(name, '')}"
+    found = re.findall(r"^\s*\"?(\w+)\"?\s*[=:] .*?  # (.*)$", source, re.MULTILINE)
+    comments = dict(reversed(found))  # the first comment of a name: the constant's, at the top
+    lines = [f"  --{name}={value!r:<{28 - len(name)}} {comments.get(name, '')}"
              for name, value in defaults.items()]
     return "options (the values this run would use):\n" + "\n".join(lines)
 
 def parse_args(argv, defaults):
-    """Turn ['--n_layer=6', '--resume'] into (config, names given), checking each name and type."""
+    """Turn ['--n_layer=6', '--resume'] into (config, names given), checking every name and type."""
     config, given = dict(defaults), set()
     for arg in argv:
         name, has_value, text = arg.removeprefix("--").partition("=")
@@ -624,16 +595,17 @@ def parse_args(argv, defaults):
 def check_config(cfg):
     """Refuse, before any work, values that cannot run: one line naming the option and the fix."""
     problems = [
-        (cfg.n_embd % cfg.n_head != 0, f"--n_embd={cfg.n_embd} is not a multiple of --n_head="
-         f"{cfg.n_head}; each head needs n_embd // n_head channels"),
+        (cfg.n_embd % cfg.n_head != 0, f"--n_embd={cfg.n_embd} is not a multiple of "
+         f"--n_head={cfg.n_head}; each head needs n_embd // n_head channels"),
         (min(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.batch_size, cfg.grad_accum) < 1,
          "--n_layer, --n_head, --n_embd, --batch_size and --grad_accum must be at least 1"),
-        (cfg.eval_interval < 1 or cfg.log_interval < 1,  # no eval_iters: every val image counts
+        (min(cfg.eval_interval, cfg.log_interval) < 1,  # no eval_iters: every val image counts
          "--eval_interval and --log_interval must be at least 1"),
-        (cfg.train_seconds <= 0 and cfg.max_iters <= 0, "nothing to train: set --train_seconds="
-         "SECONDS, or --train_seconds=0 with --max_iters=STEPS"),
+        (cfg.train_seconds <= 0 and cfg.max_iters <= 0,
+         "nothing to train: set --train_seconds=SECONDS, or --train_seconds=0 --max_iters=STEPS"),
         (cfg.learning_rate <= 0 or cfg.warmup_iters < 0,
          "--learning_rate must be above 0 and --warmup_iters at least 0"),
+        # vit.py's own settings
         (cfg.patch_size < 1 or 28 % cfg.patch_size,
          f"--patch_size must divide 28 (1, 2, 4, 7, 14 or 28), got {cfg.patch_size}"),
         (cfg.pool not in ("cls", "mean"), f"--pool must be cls or mean, got {cfg.pool!r}"),
@@ -656,8 +628,7 @@ def choose_device(name):
     if kind not in available:
         raise UserError(f"--device={name} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if not available[kind]:
-        raise UserError(f"--device={name}, but this machine has no {kind.upper()}; "
-                        f"use --device=auto")
+        raise UserError(f"--device={name}, but this machine has no {kind.upper()}; use auto")
     return name
 
 def autocast_for(device, dtype):
@@ -665,16 +636,16 @@ def autocast_for(device, dtype):
     device_type = device.split(":")[0]
     if dtype == "auto":
         if device_type != "cuda":
-            return contextlib.nullcontext(), False
+            return nullcontext(), False
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if dtype == "float32":
-        return contextlib.nullcontext(), False
+        return nullcontext(), False
     if dtype not in ("bfloat16", "float16"):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)), dtype == "float16"
 
 def keep_previous(path):
-    """A new run's first save moves an earlier checkpoint aside: out/vit-mnist.pt -> .1.pt."""
+    """Before a new run saves, move an earlier checkpoint aside: out/gpt.pt -> out/gpt.1.pt."""
     if os.path.exists(path):
         stem, ext = os.path.splitext(path)
         n = next(n for n in range(1, 10**6) if not os.path.exists(f"{stem}.{n}{ext}"))
@@ -682,21 +653,20 @@ def keep_previous(path):
         print(f"kept the earlier checkpoint at {path} as {stem}.{n}{ext}")
 
 def check_writable(path):
-    """Fail now, not after training, if the checkpoint cannot be written where --checkpoint says."""
+    """Fail now, before training, not at the first save, if `path` cannot be written."""
     if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise UserError(f"--checkpoint={path} is a folder; name a file in it, "
                         f"e.g. {os.path.join(path, 'model.pt')}")
     folder = os.path.dirname(path) or "."
     try:
         os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
         raise UserError(f"cannot write checkpoints in {folder!r} ({e.strerror}); "
                         f"choose another --checkpoint") from None
 
 def save_checkpoint(path, state):
-    """Write to a temporary name, then rename: a crash mid-write never destroys the last one."""
+    """Write to a temporary name, then rename: a crash mid-write never destroys the checkpoint."""
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -715,9 +685,9 @@ def load_checkpoint(path):
     if owner != script:
         raise UserError(f"{path!r} was written by {owner}, not {script}; "
                         f"point --checkpoint at one of {script}'s")
+    if "optimizers" not in ckpt or "data" not in ckpt:
+        raise UserError(f"{path!r} was written by an older {script}; train it again")
     return ckpt
-
-MODEL_KEYS = ("dataset", "patch_size", "n_layer", "n_head", "n_embd", "pool")  # from checkpoints
 
 def restore_config(cfg, given, ckpt):
     """Take the model's shape from the checkpoint; a size given on the command line must agree."""
@@ -731,10 +701,10 @@ def restore_config(cfg, given, ckpt):
 def format_time(seconds):
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
-def progress_line(step, loss, lr, seconds_per_step, per_second, unit, eta):
+def progress_line(step, loss, lr, seconds_per_step, per_second, unit, eta_seconds):
     """The line printed every log_interval steps."""
     return (f"step {step:5d} | loss {loss:.4f} | lr {lr:.2e} | {1000 * seconds_per_step:.1f} "
-            f"ms/step | {per_second:,.0f} {unit}/s | ETA {format_time(eta)}")
+            f"ms/step | {per_second:,.0f} {unit}/s | ETA {format_time(eta_seconds)}")
 
 # The four files of both datasets, each dataset's mirrors (tried in order) and the md5 of each
 # file as published (MNIST: torchvision's list; Fashion-MNIST: the table in Zalando's README).
@@ -754,33 +724,39 @@ SOURCES = {
 def download(urls, path, checksum):
     """Fetch the first of `urls` that works into `path`, checking its md5. The bytes go to
     path + '.part', renamed only when complete and correct: a failure leaves nothing."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    part, problems = path + ".part", []
+    problems = []
     for url in urls:
         print(f"downloading {url}")
         try:
-            md5 = hashlib.md5()
-            with requests.get(url, stream=True, timeout=30) as response:
-                response.raise_for_status()
-                with open(part, "wb") as f:
-                    for chunk in response.iter_content(1 << 16):
-                        f.write(chunk)
-                        md5.update(chunk)
-            if md5.hexdigest() != checksum:
-                raise ValueError(f"md5 {md5.hexdigest()} is not the expected {checksum}")
-            return os.replace(part, path)
-        except ValueError as e:
-            problems.append(f"{url}: {e}")
-        except (requests.RequestException, OSError) as e:  # refused, timed out, 404, cut short
+            response = requests.get(url, timeout=30)  # 30 MB at most: held in memory
+            response.raise_for_status()
+        except requests.RequestException as e:  # refused, timed out, 404, cut short
             problems.append(f"{url}: {type(e).__name__}")
-        if os.path.exists(part):
-            os.remove(part)
+            continue
+        md5 = hashlib.md5(response.content).hexdigest()
+        if md5 != checksum:
+            problems.append(f"{url}: md5 {md5} is not the expected {checksum}")
+            continue
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path + ".part", "wb") as f:
+            f.write(response.content)
+        return os.replace(path + ".part", path)
     raise UserError(f"could not download {os.path.basename(path)} ({'; '.join(problems)}); fetch "
                     f"it from {urls[0]} yourself and put it in {os.path.dirname(path) or '.'}/")
 
-def in_notebook():
-    """True inside Jupyter or Colab, whose kernel's own arguments are not meant for us."""
-    return "ipykernel" in sys.modules or sys.argv[0].endswith("kernel_launcher.py")
+def read_idx(path):
+    """A gzipped IDX file as a uint8 array. Header: two zero bytes, a type byte (0x08 = bytes),
+    the number of dimensions, then each size as a big-endian 32-bit integer; the data follows."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = bytearray(f.read())  # a bytearray: torch wants a writable buffer
+        if raw[:3] != b"\x00\x00\x08":
+            raise ValueError("not an IDX file of bytes")
+        shape = struct.unpack(f">{raw[3]}I", raw[4:4 + 4 * raw[3]])
+        return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * raw[3]).reshape(shape)
+    except (OSError, EOFError, IndexError, ValueError, struct.error) as e:  # cut short, or not IDX
+        raise UserError(f"{path!r} is damaged ({e}); delete it and run again to download it "
+                        f"afresh") from None
 
 if __name__ == "__main__":
     try:
