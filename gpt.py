@@ -39,6 +39,7 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Hyperparameters (edit them here, or override one run: --name=value)
 # data
+
 input_file = "input.txt"  # any UTF-8 text; Tiny Shakespeare by default
 val_fraction = 0.1  # the last 10% of the text is held out (a fraction: the text is one stream)
 # model
@@ -91,8 +92,10 @@ compile = False  # torch.compile the model: faster steps after a slow first one
 seed = 1337  # seed for initialisation and batches
 # -----------------------------------------------------------------------------
 # Data and tokenizer
+
 class Tokenizer:
     """Characters to integers and back: the vocabulary is every character the text contains."""
+
     def __init__(self, chars):
         self.chars = chars
         self.stoi = {ch: i for i, ch in enumerate(chars)}
@@ -138,6 +141,7 @@ def get_batch(data, block_size, batch_size, generator, rank=0, world=1):
 
 # -----------------------------------------------------------------------------
 # Model
+
 def make_norm(kind, size):
     """RMSNorm divides by the root mean square; LayerNorm also subtracts the mean first."""
     return nn.RMSNorm(size) if kind == "rms" else nn.LayerNorm(size, bias=False)
@@ -155,6 +159,7 @@ def rotate(x, positions, base=10000.0):
 
 class CausalSelfAttention(nn.Module):
     """Every position looks at itself and the positions before it, through n_head heads at once."""
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -198,6 +203,7 @@ class CausalSelfAttention(nn.Module):
 
 class MLP(nn.Module):
     """Each position thinks on its own: widen 4x, a nonlinearity, narrow back."""
+
     def __init__(self, config):
         super().__init__()
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
@@ -210,6 +216,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, config):
         super().__init__()
         self.ln1 = make_norm(config.norm, config.n_embd)
@@ -224,6 +231,7 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """config: the hyperparameters of a run (n_layer, n_embd, rope, ...) and the vocab_size."""
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -303,6 +311,7 @@ def sample_next(logits, temperature, top_k, top_p, generator):
 
 # -----------------------------------------------------------------------------
 # Training
+
 def lr_at(step, progress, cfg):
     """The learning-rate multiplier: linear warmup, then as progress goes 0 -> 1, wsd holds 1 and
     decays linearly over the last decay_fraction, cosine all the way; both end at the floor."""
@@ -462,6 +471,7 @@ def evaluate_and_save(model, optimizers, tokenizer, splits, cfg, autocast, run, 
 
 # -----------------------------------------------------------------------------
 # Evaluation and sampling
+
 def sample_text(model, tokenizer, prompt, n, cfg, stream=False):
     """n characters after prompt, seeded: a checkpoint always writes the same text. stream prints
     them as they come, then the speed."""
@@ -506,6 +516,7 @@ def plot_losses(history, width=60, height=12):
 
 # -----------------------------------------------------------------------------
 # main
+
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "rope", "norm", "mlp", "qk_norm",
               "tie_weights")  # the settings that fix the model's shape: a checkpoint holds them
 
@@ -554,6 +565,7 @@ def main(argv=(), **overrides):
 # -----------------------------------------------------------------------------
 # Plumbing: command line, device and precision, checkpoints, torchrun.
 # A first reading can skip everything below.
+
 class UserError(Exception):
     """Something the user can fix: printed as one line, without a traceback."""
 def in_notebook():

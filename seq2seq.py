@@ -60,6 +60,7 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Hyperparameters (edit them here, or override one run: --name=value)
 # data
+
 task = "dates"  # dates, reverse, add or translate; each has its own row in TASKS below
 n_train = 200000  # training examples generated for a synthetic task (translate uses every pair)
 val_size = 2000  # held-out examples (a count: each is a whole example), never trained on

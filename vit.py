@@ -37,6 +37,7 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Hyperparameters (edit them here, or override one run: --name=value)
 # data
+
 dataset = "mnist"  # mnist (handwritten digits) or fashion (Zalando's photos of clothes)
 data_dir = "data/{dataset}"  # folder for the four .gz files; downloaded into it when missing
 val_size = 5000  # held-out training images (a count, where gpt.py holds out a text's fraction)
