@@ -6,7 +6,7 @@ AdamW on a warmup-stable-decay schedule, and sampled with a KV cache. Each moder
 one constant below; flip them all back and you have GPT-2 (2019).
 
     pip install -r requirements.txt
-    python gpt.py                           # train ~4.5 minutes on a laptop CPU, then write
+    python gpt.py                           # train ~5 minutes on a laptop CPU, then write
     python gpt.py --n_layer=6 --n_embd=192  # any constant below can be overridden like this
     python gpt.py --infer --prompt="ROMEO:" --num_chars=1000   # sample from the checkpoint
     python gpt.py --resume                  # continue from the best checkpoint
@@ -39,7 +39,6 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Hyperparameters (edit them here, or override one run: --name=value)
 # data
-
 input_file = "input.txt"  # any UTF-8 text; Tiny Shakespeare by default
 val_fraction = 0.1  # the last 10% of the text is held out (a fraction: the text is one stream)
 # model
@@ -68,7 +67,7 @@ warmup_iters = 100  # linear warmup steps: Adam's statistics are poor for the fi
 weight_decay = 0.1  # AdamW's decay, on 2-D weights only (matmuls, embeddings), not norm gains
 beta2 = 0.99  # Adam's second-moment decay; 0.99 suits small batches better than 0.999
 grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
-train_seconds = 255.0  # wall-clock training budget; the schedule runs over it (0 = max_iters)
+train_seconds = 280.0  # wall-clock training budget; the schedule runs over it (0 = max_iters)
 max_iters = 5000  # optimizer steps, used when train_seconds = 0
 # evaluation and logging
 eval_interval = 500  # estimate train/val loss, print a sample line, maybe save: every N steps

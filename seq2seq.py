@@ -60,7 +60,6 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Hyperparameters (edit them here, or override one run: --name=value)
 # data
-
 task = "dates"  # dates, reverse, add or translate; each has its own row in TASKS below
 n_train = 200000  # training examples generated for a synthetic task (translate uses every pair)
 val_size = 2000  # held-out examples (a count: each is a whole example), never trained on
@@ -309,14 +308,6 @@ def collate(pairs):
     return src, tgt
 
 def get_batch(pairs, batch_size, generator, by_length=False):
-    """batch_size random examples; or, by_length, a window of the length-sorted pairs: little
-    padding, but alike examples whose gradients pull in turns (the synthetic tasks learn slower)."""
-    if by_length:
-        start = torch.randint(max(len(pairs) - batch_size, 0) + 1, (1,), generator=generator).item()
-        return collate(pairs[start:start + batch_size])
-    ix = torch.randint(len(pairs), (batch_size,), generator=generator).tolist()
-    return collate([pairs[i] for i in ix])
-
     """batch_size random examples; or, by_length, a window of the length-sorted pairs: little
     padding, but alike examples whose gradients pull in turns (the synthetic tasks learn slower)."""
     if by_length:

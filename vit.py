@@ -23,7 +23,16 @@ Shapes: B batch, H, W image height and width (28), P patch size, N patches (H/P 
 T tokens (N, and one for CLS), C channels (n_embd), nh heads, hs head size (C // nh), K classes.
 """
 
-import gzip, hashlib, linecache, math, os, re, struct, sys, tempfile, time
+import gzip
+import hashlib
+import linecache
+import math
+import os
+import re
+import struct
+import sys
+import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -37,7 +46,6 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Hyperparameters (edit them here, or override one run: --name=value)
 # data
-
 dataset = "mnist"  # mnist (handwritten digits) or fashion (Zalando's photos of clothes)
 data_dir = "data/{dataset}"  # folder for the four .gz files; downloaded into it when missing
 val_size = 5000  # held-out training images (a count, where gpt.py holds out a text's fraction)
