@@ -145,15 +145,18 @@ def make_norm(kind, size):
     """RMSNorm divides by the root mean square; LayerNorm also subtracts the mean first."""
     return nn.RMSNorm(size) if kind == "rms" else nn.LayerNorm(size, bias=False)
 
-def rotate(x, positions, base=10000.0):
-    """Rotary positions: turn channel pair i of x (B, nh, T, hs) by position * base^(-2i/hs).
-    A query at position m and a key at n then meet at angle m - n: their score depends only on
-    the distance, and attention knows where each key is without a learned position vector."""
-    hs = x.size(-1)
-    speeds = base ** (-torch.arange(0, hs, 2, device=x.device) / hs)  # (hs/2,)
+def rotary_angles(positions, head_size, base=10000.0):
+    """Rotary positions: channel pair i of a query or key at position m is turned by the angle
+    m * base^(-2i/hs). A query at m and a key at n then meet at angle m - n: their score depends
+    only on the distance, and attention knows where each key is without a learned vector.
+    Returns the cos and sin of those angles, (T, hs/2) each, computed once for all blocks."""
+    speeds = base ** (-torch.arange(0, head_size, 2, device=positions.device) / head_size)
     angles = positions[:, None].float() * speeds[None, :]  # (T, hs/2)
-    cos, sin = angles.cos(), angles.sin()  # (T, hs/2)
-    x1, x2 = x.float().chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2): the pairs are (x1[i], x2[i])
+    return angles.cos(), angles.sin()
+
+def rotate(x, cos, sin):
+    """Turn each channel pair (x1[i], x2[i]) of x (B, nh, T, hs) by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)  # 2 x (B, nh, T, hs/2)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).type_as(x)  # (B, nh, T, hs)
 
 class CausalSelfAttention(nn.Module):
@@ -169,15 +172,15 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = make_norm(config.norm, hs) if config.qk_norm else nn.Identity()
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, positions, cache=None):
+    def forward(self, x, turn, cache=None):
         B, T, C = x.shape
         nh, hs = self.config.n_head, C // self.config.n_head
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q = self.q_norm(q.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_norm(k.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.config.rope:  # positions enter here, in q and k only
-            q, k = rotate(q, positions), rotate(k, positions)  # (B, nh, T, hs)
+        if turn is not None:  # rotary positions enter here, in q and k only
+            q, k = rotate(q, *turn), rotate(k, *turn)  # (B, nh, T, hs)
         if cache is not None:  # sampling: prepend the keys and values of the earlier positions
             if cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, nh, L, hs)
@@ -223,8 +226,8 @@ class Block(nn.Module):
         self.ln2 = make_norm(config.norm, config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, cache=None):
-        x = x + self.attn(self.ln1(x), positions, cache)  # (B, T, C): positions talk to each other
+    def forward(self, x, turn, cache=None):
+        x = x + self.attn(self.ln1(x), turn, cache)  # (B, T, C): positions talk to each other
         x = x + self.mlp(self.ln2(x))  # (B, T, C): each position computes alone
         return x
 
@@ -260,11 +263,14 @@ class GPT(nn.Module):
         start = caches[0]["k"].size(2) if caches and caches[0] else 0  # positions already cached
         positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, C)
-        if self.pos_emb is not None:
+        turn = None  # rotary: the cos and sin each block turns its queries and keys by
+        if self.config.rope:
+            turn = rotary_angles(positions, self.config.n_embd // self.config.n_head)
+        else:
             x = x + self.pos_emb(positions)  # (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, caches[i] if caches is not None else None)  # (B, T, C)
+            x = block(x, turn, caches[i] if caches is not None else None)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.head(x[:, -1:, :]), None  # (B, 1, V): only the last one predicts the next

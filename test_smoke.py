@@ -168,10 +168,11 @@ def test_gpt_rotary_scores_depend_only_on_the_distance():
         scores = []
         for shift in (0, 7, 100):
             pos_q, pos_k = torch.tensor([m + shift]), torch.tensor([n + shift])
-            scores.append((gpt.rotate(q, pos_q) * gpt.rotate(k, pos_k)).sum())
+            turned_q = gpt.rotate(q, *gpt.rotary_angles(pos_q, 8))
+            scores.append((turned_q * gpt.rotate(k, *gpt.rotary_angles(pos_k, 8))).sum())
         assert torch.allclose(scores[0], scores[1], atol=1e-4)
         assert torch.allclose(scores[0], scores[2], atol=1e-4)
-    assert torch.allclose(gpt.rotate(q, torch.tensor([0])), q)  # position 0 is not turned
+    assert torch.allclose(gpt.rotate(q, *gpt.rotary_angles(torch.tensor([0]), 8)), q)  # 0: none
 
 
 @pytest.mark.parametrize("switches", [{}, GPT2])
