@@ -724,6 +724,8 @@ def save_checkpoint(path, state):
 def load_checkpoint(path):
     """A checkpoint written by this script, or one clear line saying why not."""
     script = "gpt.py"
+    if os.path.isdir(path):
+        raise UserError(f"--checkpoint={path} is a folder; point it at a .pt file {script} wrote")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
@@ -734,6 +736,8 @@ def load_checkpoint(path):
     if owner != script:
         raise UserError(f"{path!r} was written by {owner}, not {script}; "
                         f"point --checkpoint at one of {script}'s")
+    if "optimizers" not in ckpt or "data" not in ckpt:
+        raise UserError(f"{path!r} was written by an older {script}; train it again")
     return ckpt
 
 def restore_config(cfg, given, ckpt):

@@ -1085,6 +1085,8 @@ def load_checkpoint(path):
     if owner != script:
         raise UserError(f"{path!r} was written by {owner}, not {script}; "
                         f"point --checkpoint at one of {script}'s")
+    if "optimizers" not in ckpt or "data" not in ckpt:
+        raise UserError(f"{path!r} was written by an older {script}; train it again")
     return ckpt
 
 def restore_config(cfg, given, ckpt):

@@ -295,6 +295,13 @@ def test_gpt_checkpoint_carries_its_model_and_refuses_contradictions(shakespeare
         gpt.main(["--infer", f"--checkpoint={foreign}"])
 
 
+def test_gpt_a_checkpoint_from_an_older_gpt_py_is_refused_in_one_line(tmp_path):
+    old = tmp_path / "old.pt"
+    torch.save({"script": "gpt.py", "model": {}, "optimizer": {}, "chars": []}, old)
+    with pytest.raises(gpt.UserError, match="written by an older gpt.py; train it again"):
+        gpt.main(["--infer", f"--checkpoint={old}"])
+
+
 def test_gpt_a_second_run_keeps_the_first_runs_checkpoint(shakespeare, tmp_path):
     first = run_gpt(shakespeare, tmp_path, max_iters=10, eval_interval=10)
     saved = torch.load(tmp_path / "gpt.pt", weights_only=False)
