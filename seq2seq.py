@@ -35,7 +35,6 @@ Shapes in the comments: B = batch, S = source length, T = target length, C = cha
 (S for cross-attention; T, or the cached length plus T, for self-attention), beams = beam size.
 """
 
-import contextlib
 import datetime
 import hashlib
 import linecache
@@ -49,6 +48,7 @@ import time
 import zipfile
 import zlib
 from collections import Counter, defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -509,16 +509,17 @@ def build_model(cfg, vocab, state_dict=None):
 # Training
 
 def lr_at(step, progress, cfg):
-    """The learning-rate multiplier, 0..1: linear warmup for warmup_iters steps, then cosine
-    decay as progress goes 0 -> 1, ending at min_lr / learning_rate."""
+    """The learning-rate multiplier: linear warmup for warmup_iters steps, then cosine from 1
+    down to min_lr / learning_rate as progress goes 0 -> 1. (gpt.py also offers
+    warmup-stable-decay and Muon; this file keeps cosine and AdamW until they are measured here.)"""
+    floor = cfg.min_lr / cfg.learning_rate
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
-    floor = cfg.min_lr / cfg.learning_rate
     return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 def make_optimizers(model, cfg):
-    """[AdamW] that decays the 2-D weights (matmuls, embeddings) but not the LayerNorm gains.
-    A list, as in gpt.py, where a second optimizer may join it."""
+    """[AdamW], decaying the 2-D weights (matmuls, embeddings) but not the LayerNorm gains.
+    A list, as in gpt.py, where Muon joins it."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -539,8 +540,7 @@ def train_step(model, optimizers, scaler, autocast, batches, cfg):
     for i, batch in enumerate(batches):
         # under DDP, average gradients across processes only on the last micro-step
         last = i == len(batches) - 1
-        sync = (model.no_sync() if hasattr(model, "no_sync") and not last
-                else contextlib.nullcontext())
+        sync = model.no_sync() if hasattr(model, "no_sync") and not last else nullcontext()
         with sync, autocast:
             _, loss = model(*batch)
         scaler.scale(loss / len(batches)).backward()
@@ -936,8 +936,7 @@ def follow_checkpoint_task(argv, cfg, given, ckpt):
     return parse_args(argv, settings(argv))
 
 def help_text(defaults):
-    """Every option with the value this run would use and, when the source is at hand, its
-    comment."""
+    """Every option with the value this run would use and, if the source is at hand, its comment."""
     source = "".join(linecache.getlines(help_text.__code__.co_filename))  # empty in an exec'd cell
     found = re.findall(r"^\s*\"?(\w+)\"?\s*[=:] .*?  # (.*)$", source, re.MULTILINE)
     comments = dict(reversed(found))  # the first comment of a name: the constant's, at the top
@@ -1009,8 +1008,7 @@ def choose_device(name):
     if kind not in available:
         raise UserError(f"--device={name} is not a device; use auto, cpu, cuda, cuda:N or mps")
     if not available[kind]:
-        raise UserError(f"--device={name}, but this machine has no {kind.upper()}; "
-                        f"use --device=auto")
+        raise UserError(f"--device={name}, but this machine has no {kind.upper()}; use auto")
     return name
 
 def autocast_for(device, dtype):
@@ -1018,10 +1016,10 @@ def autocast_for(device, dtype):
     device_type = device.split(":")[0]
     if dtype == "auto":
         if device_type != "cuda":
-            return contextlib.nullcontext(), False
+            return nullcontext(), False
         dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if dtype == "float32":
-        return contextlib.nullcontext(), False
+        return nullcontext(), False
     if dtype not in ("bfloat16", "float16"):
         raise UserError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)), dtype == "float16"

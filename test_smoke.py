@@ -328,7 +328,8 @@ def test_gpt_pasted_into_a_notebook_cell_trains_and_main_returns_the_model(shake
 def test_gpt_help_shows_the_values_and_comments():
     code, out, _ = run_script("gpt.py", "--help", "--n_layer=6")
     assert code == 0
-    assert "--n_layer=6 " in out and "--n_embd=128 " in out and "number of Transformer blocks" in out
+    assert "--n_layer=6 " in out and "--n_embd=128 " in out
+    assert "number of Transformer blocks" in out
 
 
 @pytest.mark.parametrize("args, words", [
@@ -339,7 +340,8 @@ def test_gpt_help_shows_the_values_and_comments():
     (["--input_file=no_such_file.txt"], ["no_such_file.txt", "not found"]),
     (["--device=gpu"], ["--device=gpu is not a device"]),
     (["--device=cuda"] if not torch.cuda.is_available() else ["--device=gpu"], ["--device="]),
-    (["--device=mps"] if not torch.backends.mps.is_available() else ["--device=gpu"], ["--device="]),
+    (["--device=mps"] if not torch.backends.mps.is_available() else ["--device=gpu"],
+     ["--device="]),
     (["--n_embd=30", "--n_head=4"], ["--n_embd=30 is not a multiple of --n_head=4"]),
     (["--train_seconds=0", "--max_iters=0"], ["nothing to train"]),
     (["--eval_interval=0"], ["--eval_interval"]),
@@ -360,7 +362,8 @@ def test_gpt_bad_input_is_one_clear_line(args, words, tmp_path):
 
 
 def test_gpt_a_diverging_loss_stops_at_once_in_one_line(shakespeare, tmp_path):
-    code, out, stderr = run_script(os.path.join(HERE, "gpt.py"), "--learning_rate=1e9", "--muon_lr=1e9",
+    code, out, stderr = run_script(os.path.join(HERE, "gpt.py"), "--learning_rate=1e9",
+                                   "--muon_lr=1e9",
                                    "--train_seconds=0", "--max_iters=50", "--n_layer=1",
                                    "--n_embd=16", f"--input_file={shakespeare}", cwd=tmp_path)
     assert_one_line_error(code, stderr, "the loss diverged", "--learning_rate")
@@ -536,7 +539,8 @@ def test_seq2seq_bleu_matches_a_hand_computed_case_with_the_brevity_penalty():
     assert seq2seq.corpus_bleu([sentence], [["un perro blanco come pan".split()]]) == 0.0
 
 
-def test_seq2seq_the_run_says_when_the_heldout_score_first_reaches_99_5(tmp_path, monkeypatch, capsys):
+def test_seq2seq_the_run_says_when_the_heldout_score_first_reaches_99_5(tmp_path, monkeypatch,
+                                                                       capsys):
     cfg = tiny_settings("--eval_interval=1", f"--checkpoint={tmp_path / 'd.pt'}")
     data = seq2seq.load_task(cfg)
     model = seq2seq.build_model(cfg, {"src": data.src_tok.tokens, "tgt": data.tgt_tok.tokens})
@@ -633,7 +637,8 @@ def test_seq2seq_the_script_pasted_into_a_notebook_cell_runs_with_its_edited_con
     assert ckpt["step"] == 2 and ckpt["config"]["n_embd"] == 16
 
 
-def test_seq2seq_an_edited_constant_and_an_edited_task_row_win_under_every_task(monkeypatch, capsys):
+def test_seq2seq_an_edited_constant_and_an_edited_task_row_win_under_every_task(monkeypatch,
+                                                                                capsys):
     monkeypatch.setattr(seq2seq, "warmup_iters", 7)  # as if edited at the top of the file
     for task, row in seq2seq.TASKS.items():
         assert row.keys() == seq2seq.TASKS["dates"].keys()  # every row has every column...
@@ -726,8 +731,8 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize("args, words", BAD_INPUTS, ids=lambda x: " ".join(x)[:40])
-def test_seq2seq_a_bad_input_is_one_line_and_destroys_nothing(sentinel, trained, monkeypatch, capsys,
-                                                      args, words):
+def test_seq2seq_a_bad_input_is_one_line_and_destroys_nothing(sentinel, trained, monkeypatch,
+                                                               capsys, args, words):
     trained_bytes = open(trained[1], "rb").read()
     args = [f"--checkpoint={trained[1]}" if arg == "TRAINED" else arg for arg in args]
     monkeypatch.setattr(sys, "argv", ["seq2seq.py", *args])

@@ -271,22 +271,25 @@ def build_model(cfg, n_classes, weights=None):
 
 def lr_at(step, progress, cfg):
     """The learning-rate multiplier: linear warmup for warmup_iters steps, then cosine from 1
-    down to min_lr / learning_rate as progress goes 0 -> 1."""
+    down to min_lr / learning_rate as progress goes 0 -> 1. (gpt.py also offers
+    warmup-stable-decay and Muon; this file keeps cosine and AdamW until they are measured here.)"""
     floor = cfg.min_lr / cfg.learning_rate
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
     return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 def make_optimizers(model, cfg):
-    """[AdamW], decaying the 2-D weights (matmuls, embeddings) but not the LayerNorm gains."""
+    """[AdamW], decaying the 2-D weights (matmuls, embeddings) but not the LayerNorm gains.
+    A list, as in gpt.py, where Muon joins it."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
-               "peak_lr": cfg.learning_rate},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0,
-               "peak_lr": cfg.learning_rate}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # update all tensors at once: one fused kernel on CUDA, batched ("foreach") ops elsewhere
     batched = {"fused": True} if cfg.device.startswith("cuda") else {"foreach": True}
-    return [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), **batched)]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), **batched)
+    for group in optimizer.param_groups:
+        group["peak_lr"] = group["lr"]  # lr_at scales this peak
+    return [optimizer]
 
 def train_step(model, optimizers, scaler, autocast, batches, cfg):
     """One optimizer step: forward and backward over the micro-batches, clip, update.
