@@ -452,6 +452,7 @@ def train(model, tokenizer, splits, cfg, ckpt=None):
             step_at_log, seconds_at_log = run.step, run.seconds
     if ddp:  # wait for rank 0's last evaluation, then leave together
         torch.distributed.barrier()
+        del fast  # free DDP's gradient-averaging machinery while its process group still exists
         torch.distributed.destroy_process_group()
     return model, run.history
 
