@@ -870,6 +870,23 @@ def test_vit_random_shift_moves_whole_images_by_at_most_shift_pixels():
     assert set(rows.tolist()) == set(range(11, 16)) and set(cols.tolist()) == set(range(11, 16))
 
 
+def test_vit_augmented_batches_keep_each_images_label_and_pixels_in_0_1():
+    torch.manual_seed(0)
+    images = torch.zeros(50, 28, 28, dtype=torch.uint8)
+    images[:, 2:-2, 2:-2] = torch.randint(0, 256, (50, 24, 24), dtype=torch.uint8)  # black rim
+    labels = torch.arange(50) % 10
+    x, y = vit.get_batch(images, labels, 64, torch.Generator().manual_seed(0), shift=2, flip=True)
+    ix = torch.randint(50, (64,), generator=torch.Generator().manual_seed(0))  # the same draw
+    assert torch.equal(y, labels[ix])  # each image keeps its own label
+    assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
+    # moved by at most the rim and maybe mirrored, each image keeps all of its own pixels
+    torch.testing.assert_close(x.sum(dim=(1, 2)), images[ix].float().sum(dim=(1, 2)) / 255)
+    x, _ = vit.get_batch(images, labels, 64, torch.Generator().manual_seed(0), flip=True)
+    source = images[ix].float() / 255
+    mirrored = (x == source.flip(2)).all(dim=(1, 2))
+    assert ((x == source).all(dim=(1, 2)) | mirrored).all() and 0 < mirrored.sum() < 64
+
+
 def test_vit_idx_reader_parses_images_and_labels(tmp_path):
     images, labels = vit_synthetic_images(5)
     vit_write_idx(tmp_path / "img.gz", images)
@@ -969,12 +986,14 @@ def test_vit_pasted_into_a_notebook_cell_runs_with_its_edited_constants(vit_home
                                                                         monkeypatch):
     with open(os.path.join(HERE, "vit.py"), encoding="utf-8") as f:
         source = f.read()
-    edits = {"n_layer": 1, "n_head": 2, "n_embd": 16, "batch_size": 16, "train_seconds": 0.0,
-             "max_iters": 6, "eval_interval": 3, "warmup_iters": 2, "log_interval": 3,
+    edits = {"n_layer": 1, "n_head": 2, "n_embd": 16, "batch_size": 16, "max_iters": 6,
+             "eval_interval": 3, "warmup_iters": 2, "log_interval": 3,
              "val_size": 50, "num_show": 1, "device": "cpu", "dataset": "fashion"}
     for name, value in edits.items():
         source, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", source, flags=re.MULTILINE)
         assert n == 1, name
+    source, n = re.subn(r'"train_seconds": [0-9.]+', '"train_seconds": 0.0', source)  # table rows
+    assert n == len(vit.DATASETS)
     monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "k.json"])
     cell = {"__name__": "__main__"}  # what a notebook cell runs in: no __file__
     exec(compile(source, "<cell>", "exec"), cell)
@@ -990,8 +1009,8 @@ def test_vit_an_edited_constant_and_an_edited_table_entry_win_under_every_datase
         dataset, vit_home, monkeypatch):
     monkeypatch.setattr(vit, "n_embd", 24)
     monkeypatch.setattr(vit, "n_head", 3)
-    monkeypatch.setattr(vit, "train_seconds", 0.0)
     monkeypatch.setattr(vit, "max_iters", 4)
+    monkeypatch.setitem(vit.DATASETS[dataset], "train_seconds", 0.0)
     monkeypatch.setitem(vit.DATASETS[dataset], "shift", 2)
     for row in vit.DATASETS.values():
         assert not set(row) & set(vit.hyperparameters())  # a name lives in one place only
