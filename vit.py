@@ -56,7 +56,7 @@ n_layer = 4  # number of Transformer blocks
 n_head = 4  # attention heads per block; each head sees n_embd // n_head channels
 n_embd = 64  # width of the residual stream
 pool = "cls"  # cls = classify from an extra CLS token; mean = from the average of the patches
-dropout = 0.0  # shifted or mirrored images are augmentation enough for a model trained minutes
+dropout = 0.0  # shifted or mirrored images are augmentation enough for minutes of training
 use_sdpa = True  # fused F.scaled_dot_product_attention; False runs the hand-written attention
 # optimisation (train_seconds is in DATASETS)
 batch_size = 128  # images per micro-step
@@ -280,8 +280,8 @@ def build_model(cfg, n_classes, weights=None):
 
 def lr_at(step, progress, cfg):
     """The learning-rate multiplier: linear warmup for warmup_iters steps, then cosine from 1
-    down to min_lr / learning_rate as progress goes 0 -> 1. (gpt.py also offers
-    warmup-stable-decay and Muon; this file keeps cosine and AdamW until they are measured here.)"""
+    down to min_lr / learning_rate as progress goes 0 -> 1. (gpt.py also offers Muon and
+    warmup-stable-decay; Muon was measured here and did not pay for its time: see README.)"""
     floor = cfg.min_lr / cfg.learning_rate
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
