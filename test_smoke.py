@@ -860,6 +860,17 @@ def test_vit_cls_attention_is_a_distribution_over_the_patches():
     assert (seen >= 0).all() and (seen.sum(dim=1) < 1).all()  # the rest goes to CLS itself
 
 
+def test_vit_mirror_averaging_answers_an_image_and_its_mirror_alike():
+    torch.manual_seed(0)
+    model = vit.ViT(vit.ViTConfig(n_layer=2, n_head=2, n_embd=16)).eval()
+    images = torch.rand(3, 28, 28)
+    with torch.no_grad():
+        both = vit.classify(model, images, flip=True)  # (B, K)
+        torch.testing.assert_close(both, vit.classify(model, images.flip(2), flip=True))
+        torch.testing.assert_close(vit.classify(model, images, flip=False), model(images)[0])
+        assert not torch.allclose(both, model(images)[0])  # the mirror did change the answer
+
+
 def test_vit_random_shift_moves_whole_images_by_at_most_shift_pixels():
     images = torch.zeros(64, 28, 28, dtype=torch.uint8)
     images[:, 13, 13] = 255  # one bright pixel in the middle
