@@ -149,7 +149,7 @@ def rotary_angles(positions, head_size, base=10000.0):
     """Rotary positions: channel pair i of a query or key at position m is turned by the angle
     m * base^(-2i/hs). A query at m and a key at n then meet at angle m - n: their score depends
     only on the distance, and attention knows where each key is without a learned vector.
-    Returns the cos and sin of those angles, (T, hs/2) each, computed once for all blocks."""
+    Returns the cos and sin of those angles, (T, hs/2) each, shared by all blocks."""
     speeds = base ** (-torch.arange(0, head_size, 2, device=positions.device) / head_size)
     angles = positions[:, None].float() * speeds[None, :]  # (T, hs/2)
     return angles.cos(), angles.sin()
@@ -179,8 +179,8 @@ class CausalSelfAttention(nn.Module):
         q = self.q_norm(q.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_norm(k.view(B, T, nh, hs)).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if turn is not None:  # rotary positions enter here, in q and k only
-            q, k = rotate(q, *turn), rotate(k, *turn)  # (B, nh, T, hs)
+        if turn is not None:  # rotary positions enter here, in q and k only (one call for both)
+            q, k = rotate(torch.stack([q, k]), *turn)  # 2 x (B, nh, T, hs)
         if cache is not None:  # sampling: prepend the keys and values of the earlier positions
             if cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, nh, L, hs)
@@ -240,6 +240,10 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)  # what the character is
         # where it is: with rotary positions attention handles that, else one learned vector each
         self.pos_emb = None if config.rope else nn.Embedding(config.block_size, config.n_embd)
+        if config.rope:  # the rotary angles' cos and sin for every position, computed once
+            hs, positions = config.n_embd // config.n_head, torch.arange(config.block_size)
+            for name, table in zip(("cos", "sin"), rotary_angles(positions, hs)):
+                self.register_buffer(name, table, persistent=False)  # (block_size, hs/2)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = make_norm(config.norm, config.n_embd)
@@ -261,13 +265,12 @@ class GPT(nn.Module):
         last position's logits (B, 1, V). With caches (one per block), idx holds new positions."""
         B, T = idx.shape
         start = caches[0]["k"].size(2) if caches and caches[0] else 0  # positions already cached
-        positions = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.tok_emb(idx)  # (B, T, C)
         turn = None  # rotary: the cos and sin each block turns its queries and keys by
         if self.config.rope:
-            turn = rotary_angles(positions, self.config.n_embd // self.config.n_head)
+            turn = self.cos[start:start + T], self.sin[start:start + T]  # 2 x (T, hs/2)
         else:
-            x = x + self.pos_emb(positions)  # (B, T, C)
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))  # (B, T, C)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, turn, caches[i] if caches is not None else None)  # (B, T, C)
