@@ -860,15 +860,16 @@ def test_vit_cls_attention_is_a_distribution_over_the_patches():
     assert (seen >= 0).all() and (seen.sum(dim=1) < 1).all()  # the rest goes to CLS itself
 
 
-def test_vit_mirror_averaging_answers_an_image_and_its_mirror_alike():
+def test_vit_five_views_average_the_image_and_its_four_one_pixel_shifts():
     torch.manual_seed(0)
     model = vit.ViT(vit.ViTConfig(n_layer=2, n_head=2, n_embd=16)).eval()
-    images = torch.rand(3, 28, 28)
+    images = torch.zeros(3, 28, 28)
+    images[:, 4:24, 4:24] = torch.rand(3, 20, 20)  # a black rim: rolling = shifting here
+    moved = [images.roll(step, dims) for step in (1, -1) for dims in (1, 2)]
     with torch.no_grad():
-        both = vit.classify(model, images, flip=True)  # (B, K)
-        torch.testing.assert_close(both, vit.classify(model, images.flip(2), flip=True))
-        torch.testing.assert_close(vit.classify(model, images, flip=False), model(images)[0])
-        assert not torch.allclose(both, model(images)[0])  # the mirror did change the answer
+        by_hand = sum(model(x)[0] for x in [images, *moved]) / 5  # (B, K)
+        torch.testing.assert_close(vit.classify(model, images, views=5), by_hand)
+        torch.testing.assert_close(vit.classify(model, images), model(images)[0])
 
 
 def test_vit_random_shift_moves_whole_images_by_at_most_shift_pixels():
