@@ -6,7 +6,7 @@ characters up in a table instead), add a learned position per patch and a CLS to
 gpt.py's pre-norm Transformer blocks without the causal mask: an image has no "future". The CLS
 token's output gives the class. Trained with AdamW, warmup and cosine decay, label smoothing
 and random shifts, and mirror images for clothes (a classifier sees the same 55,000 pictures
-many times); tested once, at the end.
+many times); tested once, at the end, each test image read five ways and the answers averaged.
 
     python vit.py                      # download MNIST (12 MB), train ~6 minutes, then test
     python vit.py --dataset=fashion    # the same model on Fashion-MNIST (see DATASETS)
