@@ -408,6 +408,10 @@ def train(model, tokenizer, splits, cfg, ckpt=None):
     generator = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
     run = SimpleNamespace(step=0, seconds=0.0, best_val_loss=float("inf"), history=[])
     if ckpt:  # continue exactly where the checkpoint stopped
+        if len(ckpt["optimizers"]) != len(optimizers):  # AdamW alone, or AdamW and Muon
+            used = ckpt["config"]["optimizer"]
+            raise UserError(f"the checkpoint was trained with --optimizer={used}; "
+                            f"add --optimizer={used} to resume it")
         for opt, saved in zip(optimizers, ckpt["optimizers"]):
             opt.load_state_dict(saved)
         run.step, run.seconds = ckpt["step"], ckpt["seconds"]
@@ -577,6 +581,7 @@ def main(argv=(), **overrides):
 
 class UserError(Exception):
     """Something the user can fix: printed as one line, without a traceback."""
+
 def in_notebook():
     """True inside Jupyter or Colab, whose kernel's own arguments are not meant for us."""
     return "ipykernel" in sys.modules or sys.argv[0].endswith("kernel_launcher.py")

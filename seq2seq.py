@@ -26,9 +26,10 @@ match for the synthetic tasks, BLEU for translate), examples, the first mistakes
 example's cross-attention drawn in the terminal: which source tokens each output token read.
 
 Differences from gpt.py, on purpose: two stacks of blocks (the encoder's attention is not
-causal and hides only padding; the decoder adds cross-attention); fixed sinusoidal positions
-instead of learned ones, counted back from the end in the source; batches of whole examples
-padded to their longest, where gpt.py cuts windows from one long text.
+causal and hides only padding; the decoder adds cross-attention); the paper's fixed sinusoidal
+positions instead of rotary ones, counted back from the end in the source; batches of whole
+examples padded to their longest, where gpt.py cuts windows from one long text; LayerNorm, GELU
+and AdamW, with gpt.py's Muon where it measurably helps (reverse: a row of TASKS).
 
 Shapes in the comments: B = batch, S = source length, T = target length, C = channels
 (n_embd), nh = heads, hs = head size (C // nh), V = vocabulary size, L = length of the keys
@@ -70,7 +71,8 @@ min_count = 3  # translate: words seen fewer times in training become <unk>
 n_head = 4  # attention heads per block; each head sees n_embd // n_head channels
 dropout = 0.0  # the synthetic tasks have endless fresh examples, so nothing to regularise
 use_sdpa = True  # fused F.scaled_dot_product_attention; False runs the hand-written attention
-# optimisation (batch_size, by_length, learning_rate, min_lr and train_seconds are in TASKS)
+# optimisation (batch_size, by_length, optimizer, learning_rate, min_lr, train_seconds: TASKS)
+muon_lr = 0.01  # Muon's peak learning rate, where a task uses it (orthogonalised: another scale)
 grad_accum = 1  # micro-steps per optimizer step; batch_size * grad_accum examples per step
 warmup_iters = 200  # linear warmup steps: Adam's statistics are poor for the first steps
 weight_decay = 0.1  # applied to 2-D weights only (matmuls, embeddings), not to LayerNorm gains
@@ -104,18 +106,21 @@ TASKS = {
         "block_size": 48,  # longest source or target in tokens; longer pairs are left out
         "batch_size": 64,  # examples per micro-step
         "by_length": False,  # batches of similar lengths: less padding, but less varied
+        "optimizer": "adamw",  # AdamW for all weights, or "muon": Muon for the blocks' matrices
         "learning_rate": 3e-3,  # peak learning rate; tiny models tolerate a high one
         "min_lr": 3e-4,  # the cosine decay ends here (1/10 of the peak, as in Chinchilla)
         "train_seconds": 140.0,  # wall-clock training budget (0 = use max_iters)
     },
-    # reverse first has to find where to look: smaller batches give it more steps
+    # reverse first has to find where to look: AdamW takes ~1,200 steps of nothing to find it,
+    # Muon a few hundred (its every-direction updates); smaller batches give it more steps
     "reverse": {"n_layer": 2, "n_embd": 64, "block_size": 48, "batch_size": 32, "by_length": False,
-                "learning_rate": 3e-3, "min_lr": 3e-4, "train_seconds": 90.0},
+                "optimizer": "muon", "learning_rate": 3e-3, "min_lr": 3e-4, "train_seconds": 90.0},
     "add": {"n_layer": 2, "n_embd": 64, "block_size": 48, "batch_size": 64, "by_length": False,
-            "learning_rate": 3e-3, "min_lr": 3e-4, "train_seconds": 95.0},
+            "optimizer": "adamw", "learning_rate": 3e-3, "min_lr": 3e-4, "train_seconds": 95.0},
     # real sentences need a wider, deeper model, and run from 2 to 24 words: by_length
     "translate": {"n_layer": 3, "n_embd": 128, "block_size": 24, "batch_size": 64,
-                  "by_length": True, "learning_rate": 2e-3, "min_lr": 2e-4, "train_seconds": 840.0},
+                  "by_length": True, "optimizer": "adamw", "learning_rate": 2e-3, "min_lr": 2e-4,
+                  "train_seconds": 840.0},
 }
 
 # -----------------------------------------------------------------------------
@@ -511,24 +516,31 @@ def build_model(cfg, vocab, state_dict=None):
 def lr_at(step, progress, cfg):
     """The learning-rate multiplier: linear warmup for warmup_iters steps, then cosine from 1
     down to min_lr / learning_rate as progress goes 0 -> 1. (gpt.py also offers
-    warmup-stable-decay and Muon; this file keeps cosine and AdamW until they are measured here.)"""
+    warmup-stable-decay; here it was measured and lost: see README.)"""
     floor = cfg.min_lr / cfg.learning_rate
     if step < cfg.warmup_iters:
         return (step + 1) / cfg.warmup_iters
     return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 def make_optimizers(model, cfg):
-    """[AdamW], decaying the 2-D weights (matmuls, embeddings) but not the LayerNorm gains.
-    A list, as in gpt.py, where Muon joins it."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    """AdamW decays the 2-D weights but not the norm gains. With optimizer=muon, the matrices
+    inside the blocks go to Muon instead, which orthogonalises each update: every direction of
+    the matrix moves by the same amount, so rarely-used directions learn as fast as the rest."""
+    hidden = [p for name, p in model.named_parameters() if name.startswith(("encoder.", "decoder."))
+              and p.dim() == 2] if cfg.optimizer == "muon" else []
+    adam = [p for p in model.parameters() if all(p is not h for h in hidden)]
+    groups = [{"params": [p for p in adam if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in adam if p.dim() < 2], "weight_decay": 0.0}]
     # update all tensors at once: one fused kernel on CUDA, batched ("foreach") ops elsewhere
     batched = {"fused": True} if cfg.device.startswith("cuda") else {"foreach": True}
-    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2), **batched)
-    for group in optimizer.param_groups:
-        group["peak_lr"] = group["lr"]  # lr_at scales this peak
-    return [optimizer]
+    optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
+                                    **batched)]
+    if hidden:
+        optimizers.append(torch.optim.Muon(hidden, lr=cfg.muon_lr, weight_decay=0.0))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["peak_lr"] = group["lr"]  # lr_at scales this peak
+    return optimizers
 
 def set_lr(optimizers, factor):
     for group in (group for opt in optimizers for group in opt.param_groups):
@@ -991,6 +1003,7 @@ def check_config(cfg):
         (not (0 <= cfg.dropout < 1 and 0 <= cfg.label_smoothing < 1),
          "--dropout and --label_smoothing must lie in [0, 1)"),
         (cfg.infer and not cfg.text.strip(), "--infer needs a source: e.g. --text='5 Mar 19'"),
+        (cfg.optimizer not in ("muon", "adamw"), "--optimizer must be one of muon, adamw"),
     ]
     for bad, message in problems:
         if bad:
@@ -1056,6 +1069,10 @@ def checkpoint_state(model, optimizers, run, cfg, data, generator):
 
 def restore_training(ckpt, optimizers, generator, run):
     """Continue exactly where the checkpoint stopped: optimizer state, progress, random state."""
+    if len(ckpt["optimizers"]) != len(optimizers):  # AdamW alone, or AdamW and Muon
+        used = ckpt["config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
+        raise UserError(f"the checkpoint was trained with --optimizer={used}; "
+                        f"add --optimizer={used} to resume it")
     for opt, saved in zip(optimizers, ckpt["optimizers"]):
         opt.load_state_dict(saved)
     run.step, run.seconds = ckpt["step"], ckpt["seconds"]

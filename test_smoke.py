@@ -275,6 +275,9 @@ def test_gpt_resume_continues_exactly_where_it_stopped(shakespeare, tmp_path, mo
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)
     assert whole.history == resumed.history
+    with pytest.raises(gpt.UserError, match="trained with --optimizer=muon; add --optimizer"):
+        gpt.main(["--resume", f"--checkpoint={tmp_path / 'b' / 'gpt.pt'}", "--optimizer=adamw",
+                  f"--input_file={shakespeare}"])
 
 
 def test_gpt_checkpoint_carries_its_model_and_refuses_contradictions(shakespeare, tmp_path,
@@ -667,6 +670,19 @@ def test_seq2seq_a_checkpoint_answers_and_resumes_with_checkpoint_alone(trained,
                           "--max_iters=6", "--eval_interval=2"])
     assert "resuming at step 4" in capsys.readouterr().out
     assert again.model.config.n_layer == 1 and [h[0] for h in again.history] == [2, 4, 6]
+    with pytest.raises(seq2seq.UserError, match="trained with --optimizer=adamw; add --opt"):
+        seq2seq.main([*TINY_DATA, "--resume", f"--checkpoint={copy}", "--optimizer=muon"])
+
+
+def test_seq2seq_muon_takes_the_blocks_matrices_and_adamw_everything_else():
+    model = tiny_seq2seq()
+    adamw, muon = seq2seq.make_optimizers(model, tiny_settings("--optimizer=muon"))
+    in_muon = {id(p) for group in muon.param_groups for p in group["params"]}
+    in_adamw = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert not in_muon & in_adamw and in_muon | in_adamw == {id(p) for p in model.parameters()}
+    for name, p in model.named_parameters():  # embeddings, head and norm gains stay with AdamW
+        assert (id(p) in in_muon) == (name.startswith(("encoder.", "decoder.")) and p.dim() == 2)
+    assert len(seq2seq.make_optimizers(model, tiny_settings("--optimizer=adamw"))) == 1
 
 
 def test_seq2seq_a_second_run_keeps_the_first_runs_checkpoint(trained, tmp_path, capsys):
