@@ -36,6 +36,7 @@ Shapes in the comments: B = batch, S = source length, T = target length, C = cha
 (S for cross-attention; T, or the cached length plus T, for self-attention), beams = beam size.
 """
 
+import copy
 import datetime
 import hashlib
 import linecache
@@ -79,6 +80,7 @@ weight_decay = 0.1  # applied to 2-D weights only (matmuls, embeddings), not to 
 beta2 = 0.99  # Adam's second-moment decay; 0.99 suits small batches better than 0.999
 grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
 label_smoothing = 0.1  # the target gets 90% of the probability, the rest spread (as the paper)
+ema_decay = 0.99  # evaluate and keep an average of the weights over ~100 steps (0 = the last)
 max_iters = 5000  # optimizer steps, used when the task's train_seconds = 0
 # evaluation and logging
 eval_interval = 500  # estimate the losses and the held-out score (and maybe save) this often
@@ -571,6 +573,16 @@ def train_step(model, optimizers, scaler, autocast, batches, cfg):
     return loss
 
 @torch.no_grad()
+def update_average(average, model, step, cfg):
+    """average <- decay * average + (1 - decay) * model, weight by weight: a moving average over
+    the last ~1 / (1 - decay) steps. At a high learning rate the weights jitter around where they
+    are heading; their average sits nearer the middle and answers right long before the learning
+    rate has decayed. The decay starts low, so the average soon forgets the random start."""
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+    for a, p in zip(average.parameters(), model.parameters()):
+        a.lerp_(p, 1 - decay)
+
+@torch.no_grad()
 def estimate_loss(model, pairs, cfg, autocast):
     """Mean loss over eval_iters batches of `pairs`, the same batches at every call: two
     estimates differ only because the model changed."""
@@ -584,21 +596,23 @@ def estimate_loss(model, pairs, cfg, autocast):
     return total / cfg.eval_iters
 
 def train(model, data, cfg, ckpt=None):
-    """Train until the clock (or max_iters) runs out, saving the best model; -> (model, history)."""
+    """Train until the clock (or max_iters) runs out, saving the best average of the weights
+    (update_average); -> (that average, history)."""
     autocast, use_scaler = autocast_for(cfg.device, cfg.dtype)
     optimizers = make_optimizers(model, cfg)
     scaler = torch.amp.GradScaler(enabled=use_scaler)
     generator = torch.Generator().manual_seed(cfg.seed)
     run = SimpleNamespace(step=0, seconds=0.0, best_val_loss=float("inf"), history=[], reached=None)
+    average = copy.deepcopy(model)  # evaluated, saved and returned: the model that answers
     if ckpt:
-        restore_training(ckpt, optimizers, generator, run)
+        restore_training(ckpt, model, average, optimizers, generator, run)
     fast = torch.compile(model) if cfg.compile else model
     budget = f"{cfg.train_seconds:.0f}s" if cfg.train_seconds else f"{cfg.max_iters} steps"
     print(f"training for {budget}, {cfg.batch_size * cfg.grad_accum} examples per step"
           + (f", resuming at step {run.step}" if ckpt else ""))
 
     def state():
-        return checkpoint_state(model, optimizers, run, cfg, data, generator)
+        return checkpoint_state(model, average, optimizers, run, cfg, data, generator)
 
     t_log, step_at_log, first_step, tokens = time.time(), run.step, run.step, 0
     try:
@@ -607,7 +621,7 @@ def train(model, data, cfg, ckpt=None):
             # (a resumed run's first step was evaluated before it was saved)
             if (run.step % cfg.eval_interval == 0 and run.step > first_step) or finished:
                 t_eval = time.time()
-                evaluate_and_save(model, data, cfg, autocast, run, state)
+                evaluate_and_save(average, data, cfg, autocast, run, state)
                 t_log += time.time() - t_eval  # evaluation time is not training speed
             if finished:
                 break
@@ -618,6 +632,7 @@ def train(model, data, cfg, ckpt=None):
             tokens += sum(int((src != PAD).sum() + (tgt != PAD).sum()) for src, tgt in batches)
             batches = [(src.to(cfg.device), tgt.to(cfg.device)) for src, tgt in batches]
             loss = train_step(fast, optimizers, scaler, autocast, batches, cfg)
+            update_average(average, model, run.step, cfg)
             run.step += 1
             run.seconds += time.time() - t0
             if run.step % cfg.log_interval == 0:
@@ -631,7 +646,7 @@ def train(model, data, cfg, ckpt=None):
         print(f"\ninterrupted at step {run.step}; the best checkpoint (val loss "
               f"{run.best_val_loss:.4f}) is kept at {cfg.checkpoint}")
         raise
-    return model, run.history
+    return average, run.history
 
 TARGET_SCORE = 99.5  # exact match %: a synthetic task's run says when it first gets there
 
@@ -1000,8 +1015,8 @@ def check_config(cfg):
         (cfg.block_size < 3, "--block_size must be at least 3: <bos>, one token and <eos>"),
         (min(cfg.n_train, cfg.val_size, cfg.eval_examples, cfg.min_count) < 1,
          "--n_train, --val_size, --eval_examples and --min_count must be at least 1"),
-        (not (0 <= cfg.dropout < 1 and 0 <= cfg.label_smoothing < 1),
-         "--dropout and --label_smoothing must lie in [0, 1)"),
+        (not (0 <= cfg.dropout < 1 and 0 <= cfg.label_smoothing < 1 and 0 <= cfg.ema_decay < 1),
+         "--dropout, --label_smoothing and --ema_decay must lie in [0, 1)"),
         (cfg.infer and not cfg.text.strip(), "--infer needs a source: e.g. --text='5 Mar 19'"),
         (cfg.optimizer not in ("muon", "adamw"), "--optimizer must be one of muon, adamw"),
     ]
@@ -1058,21 +1073,25 @@ def keep_previous(path):
         os.replace(path, f"{stem}.{n}{ext}")
         print(f"kept the earlier checkpoint at {path} as {stem}.{n}{ext}")
 
-def checkpoint_state(model, optimizers, run, cfg, data, generator):
-    """Everything a later run needs: weights, optimizer state, progress, settings, vocabularies
-    and the random state (so a resumed run draws the same batches)."""
-    return {"script": "seq2seq.py", "config": vars(cfg), "model": model.state_dict(),
-            "optimizers": [opt.state_dict() for opt in optimizers], "step": run.step,
+def checkpoint_state(model, average, optimizers, run, cfg, data, generator):
+    """Everything a later run needs: the averaged weights (the model that answers) and the
+    trained ones, optimizer state, progress, settings, vocabularies and the random state (so a
+    resumed run draws the same batches)."""
+    return {"script": "seq2seq.py", "config": vars(cfg), "model": average.state_dict(),
+            "train_weights": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers], "step": run.step,
             "seconds": run.seconds, "best_val_loss": run.best_val_loss, "history": run.history,
             "rng": {"torch": torch.get_rng_state(), "batches": generator.get_state()},
             "data": {"src": data.src_tok.tokens, "tgt": data.tgt_tok.tokens}}
 
-def restore_training(ckpt, optimizers, generator, run):
-    """Continue exactly where the checkpoint stopped: optimizer state, progress, random state."""
+def restore_training(ckpt, model, average, optimizers, generator, run):
+    """Continue exactly where the checkpoint stopped: both sets of weights, optimizer state,
+    progress, random state."""
     if len(ckpt["optimizers"]) != len(optimizers):  # AdamW alone, or AdamW and Muon
         used = ckpt["config"].get("optimizer", "adamw")  # checkpoints from before Muon: AdamW
         raise UserError(f"the checkpoint was trained with --optimizer={used}; "
                         f"add --optimizer={used} to resume it")
+    model.load_state_dict(ckpt.get("train_weights", ckpt["model"]))  # older files: no average
+    average.load_state_dict(ckpt["model"])
     for opt, saved in zip(optimizers, ckpt["optimizers"]):
         opt.load_state_dict(saved)
     run.step, run.seconds = ckpt["step"], ckpt["seconds"]

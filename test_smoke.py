@@ -554,6 +554,42 @@ def test_seq2seq_the_run_says_when_the_heldout_score_first_reaches_99_5(tmp_path
     assert out.count("reached 99.5% at step") == 1 and "reached 99.5% at step 3," in out
 
 
+def test_seq2seq_the_average_of_the_weights_moves_a_decay_step_towards_them():
+    average, model = tiny_seq2seq(), tiny_seq2seq()
+    for p in model.parameters():
+        p.data.add_(1.0)
+    before = [a.clone() for a in average.parameters()]
+    cfg = tiny_settings("--ema_decay=0.99")
+    seq2seq.update_average(average, model, 10**6, cfg)  # late in training: the decay itself
+    for a, b, p in zip(average.parameters(), before, model.parameters()):
+        assert torch.allclose(a, 0.99 * b + 0.01 * p, atol=1e-6)
+    seq2seq.update_average(average, model, 0, cfg)  # the first step: decay 1/10, not 0.99
+    for a, b, p in zip(average.parameters(), before, model.parameters()):
+        assert torch.allclose(a, 0.1 * (0.99 * b + 0.01 * p) + 0.9 * p, atol=1e-6)
+    seq2seq.update_average(average, model, 10**6, tiny_settings("--ema_decay=0"))
+    assert all(torch.equal(a, p) for a, p in zip(average.parameters(), model.parameters()))
+
+
+def test_seq2seq_resume_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
+    run = [*TINY_SEQ2SEQ, "--max_iters=8", "--eval_interval=4", "--log_interval=4"]
+    whole = seq2seq.main([*run, f"--checkpoint={tmp_path / 'a.pt'}"])
+    lr_at = seq2seq.lr_at
+
+    def ctrl_c_at_step_4(step, progress, cfg):
+        if step == 4:
+            raise KeyboardInterrupt
+        return lr_at(step, progress, cfg)
+
+    monkeypatch.setattr(seq2seq, "lr_at", ctrl_c_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        seq2seq.main([*run, f"--checkpoint={tmp_path / 'b.pt'}"])  # saved at step 4
+    monkeypatch.setattr(seq2seq, "lr_at", lr_at)
+    resumed = seq2seq.main([*run, "--resume", f"--checkpoint={tmp_path / 'b.pt'}"])
+    assert whole.history == resumed.history and [h[0] for h in whole.history] == [4, 8]
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)  # the average, which also needs the raw weights
+
+
 def test_seq2seq_a_small_pairs_file_is_read(tmp_path):
     path = tmp_path / "pairs.txt"
     path.write_text("Go.\tVe.\tCC-BY 2.0 (France) Attribution: tatoeba.org\n\n"
