@@ -29,7 +29,8 @@ Differences from gpt.py, on purpose: two stacks of blocks (the encoder's attenti
 causal and hides only padding; the decoder adds cross-attention); the paper's fixed sinusoidal
 positions instead of rotary ones, counted back from the end in the source; batches of whole
 examples padded to their longest, where gpt.py cuts windows from one long text; LayerNorm, GELU
-and AdamW, with gpt.py's Muon where it measurably helps (reverse: a row of TASKS).
+and AdamW, with gpt.py's Muon where it measurably helps (reverse: a row of TASKS); and the model
+that is evaluated, saved and answers is a moving average of the weights (update_average).
 
 Shapes in the comments: B = batch, S = source length, T = target length, C = channels
 (n_embd), nh = heads, hs = head size (C // nh), V = vocabulary size, L = length of the keys

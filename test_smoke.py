@@ -48,6 +48,18 @@ def assert_one_line_error(code, stderr, *words):
         assert word in lines[0], lines[0]
 
 
+def ctrl_c_at(monkeypatch, script, stop):
+    """Press Ctrl-C in `script`'s training loop just before it takes step `stop`."""
+    lr_at = script.lr_at
+
+    def interrupted(step, progress, cfg):
+        if step == stop:
+            raise KeyboardInterrupt
+        return lr_at(step, progress, cfg)
+
+    monkeypatch.setattr(script, "lr_at", interrupted)
+
+
 @pytest.fixture
 def http_server():
     """Serve files from memory on 127.0.0.1: http_server({"/a.gz": b"..."}) returns the base URL.
@@ -573,17 +585,10 @@ def test_seq2seq_the_average_of_the_weights_moves_a_decay_step_towards_them():
 def test_seq2seq_resume_continues_exactly_where_it_stopped(tmp_path, monkeypatch):
     run = [*TINY_SEQ2SEQ, "--max_iters=8", "--eval_interval=4", "--log_interval=4"]
     whole = seq2seq.main([*run, f"--checkpoint={tmp_path / 'a.pt'}"])
-    lr_at = seq2seq.lr_at
-
-    def ctrl_c_at_step_4(step, progress, cfg):
-        if step == 4:
-            raise KeyboardInterrupt
-        return lr_at(step, progress, cfg)
-
-    monkeypatch.setattr(seq2seq, "lr_at", ctrl_c_at_step_4)
+    ctrl_c_at(monkeypatch, seq2seq, 4)
     with pytest.raises(KeyboardInterrupt):
         seq2seq.main([*run, f"--checkpoint={tmp_path / 'b.pt'}"])  # saved at step 4
-    monkeypatch.setattr(seq2seq, "lr_at", lr_at)
+    monkeypatch.undo()
     resumed = seq2seq.main([*run, "--resume", f"--checkpoint={tmp_path / 'b.pt'}"])
     assert whole.history == resumed.history and [h[0] for h in whole.history] == [4, 8]
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
@@ -734,14 +739,7 @@ def test_seq2seq_a_second_run_keeps_the_first_runs_checkpoint(trained, tmp_path,
 
 def test_seq2seq_ctrl_c_keeps_the_best_checkpoint_so_far(tmp_path, monkeypatch):
     path = tmp_path / "dates.pt"
-    lr_at = seq2seq.lr_at
-
-    def ctrl_c_at_step_3(step, progress, cfg):
-        if step == 3:
-            raise KeyboardInterrupt
-        return lr_at(step, progress, cfg)
-
-    monkeypatch.setattr(seq2seq, "lr_at", ctrl_c_at_step_3)
+    ctrl_c_at(monkeypatch, seq2seq, 3)
     with pytest.raises(KeyboardInterrupt):
         seq2seq.main([*TINY_SEQ2SEQ, f"--checkpoint={path}"])
     assert torch.load(path, weights_only=False)["step"] == 2
