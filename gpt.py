@@ -407,17 +407,8 @@ def train(model, tokenizer, splits, cfg, ckpt=None):
     optimizers = make_optimizers(model, cfg)
     generator = torch.Generator().manual_seed(cfg.seed)  # draws the training batches
     run = SimpleNamespace(step=0, seconds=0.0, best_val_loss=float("inf"), history=[])
-    if ckpt:  # continue exactly where the checkpoint stopped
-        if len(ckpt["optimizers"]) != len(optimizers):  # AdamW alone, or AdamW and Muon
-            used = ckpt["config"]["optimizer"]
-            raise UserError(f"the checkpoint was trained with --optimizer={used}; "
-                            f"add --optimizer={used} to resume it")
-        for opt, saved in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(saved)
-        run.step, run.seconds = ckpt["step"], ckpt["seconds"]
-        run.best_val_loss, run.history = ckpt["best_val_loss"], ckpt["history"]
-        generator.set_state(ckpt["rng"]["batches"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt:
+        restore_training(ckpt, optimizers, generator, run)
     fast = torch.compile(model) if cfg.compile else model  # `model` itself is the one saved
     if ddp:  # averages the gradients of all processes during backward
         ids = [cfg.device] if cfg.device.startswith("cuda") else None
@@ -748,6 +739,19 @@ def load_checkpoint(path):
     if "optimizers" not in ckpt or "data" not in ckpt:
         raise UserError(f"{path!r} was written by an older {script}; train it again")
     return ckpt
+
+def restore_training(ckpt, optimizers, generator, run):
+    """Continue exactly where the checkpoint stopped: optimizer state, progress, random state."""
+    if len(ckpt["optimizers"]) != len(optimizers):  # AdamW alone, or AdamW and Muon
+        used = ckpt["config"]["optimizer"]
+        raise UserError(f"the checkpoint was trained with --optimizer={used}; "
+                        f"add --optimizer={used} to resume it")
+    for opt, saved in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(saved)
+    run.step, run.seconds = ckpt["step"], ckpt["seconds"]
+    run.best_val_loss, run.history = ckpt["best_val_loss"], ckpt["history"]
+    generator.set_state(ckpt["rng"]["batches"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
 
 def restore_config(cfg, given, ckpt):
     """Take the model's shape from the checkpoint; a size given on the command line must agree."""

@@ -81,7 +81,7 @@ weight_decay = 0.1  # applied to 2-D weights only (matmuls, embeddings), not to 
 beta2 = 0.99  # Adam's second-moment decay; 0.99 suits small batches better than 0.999
 grad_clip = 1.0  # clip the global gradient norm to this (0 = off)
 label_smoothing = 0.1  # the target gets 90% of the probability, the rest spread (as the paper)
-ema_decay = 0.99  # evaluate and keep an average of the weights over ~100 steps (0 = the last)
+ema_decay = 0.99  # evaluate and keep an average of the weights over ~100 steps (0 = off)
 max_iters = 5000  # optimizer steps, used when the task's train_seconds = 0
 # evaluation and logging
 eval_interval = 500  # estimate the losses and the held-out score (and maybe save) this often
@@ -1079,7 +1079,8 @@ def checkpoint_state(model, average, optimizers, run, cfg, data, generator):
     trained ones, optimizer state, progress, settings, vocabularies and the random state (so a
     resumed run draws the same batches)."""
     return {"script": "seq2seq.py", "config": vars(cfg), "model": average.state_dict(),
-            "train_weights": model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers], "step": run.step,
+            "train_weights": model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in optimizers], "step": run.step,
             "seconds": run.seconds, "best_val_loss": run.best_val_loss, "history": run.history,
             "rng": {"torch": torch.get_rng_state(), "batches": generator.get_state()},
             "data": {"src": data.src_tok.tokens, "tgt": data.tgt_tok.tokens}}
