@@ -994,11 +994,12 @@ def test_vit_download_with_the_wrong_md5_fails_in_one_line_and_leaves_no_file(tm
     assert os.listdir(tmp_path) == []
 
 
-def test_vit_a_few_training_steps_lower_the_loss():
+@pytest.mark.parametrize("mlp", ["relu2", "gelu"])
+def test_vit_a_few_training_steps_lower_the_loss(mlp):
     torch.manual_seed(0)
     images, labels = vit_synthetic_images(256)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels).long()
-    model = vit.ViT(vit.ViTConfig(patch_size=7, n_layer=1, n_head=2, n_embd=16))
+    model = vit.ViT(vit.ViTConfig(patch_size=7, n_layer=1, n_head=2, n_embd=16, mlp=mlp))
     cfg, _ = vit.parse_args(["--learning_rate=3e-3", "--device=cpu"], vit.settings([]))
     optimizers = vit.make_optimizers(model, cfg)
     scaler, no_autocast = torch.amp.GradScaler(enabled=False), torch.autocast("cpu", enabled=False)
@@ -1100,20 +1101,35 @@ def test_vit_help_shows_the_values_the_run_would_use(monkeypatch, capsys):
 
 def test_vit_a_checkpoint_with_other_sizes_is_inferred_and_resumed_with_checkpoint_alone(
         vit_home, capsys):
-    sizes = ["--n_layer=2", "--n_head=3", "--n_embd=24", "--patch_size=14", "--pool=mean"]
+    sizes = ["--n_layer=2", "--n_head=3", "--n_embd=24", "--patch_size=14", "--pool=mean",
+             "--mlp=gelu"]
     vit.main(TINY_VIT + sizes + ["--dataset=fashion"])
     capsys.readouterr()
     predicted = vit.main(["--infer", "--checkpoint=out/vit-fashion.pt"])
     assert capsys.readouterr().out.startswith("test image 0 of fashion")  # the dataset came too
     config = predicted.model.config
-    assert (config.n_layer, config.n_head, config.n_embd, config.patch_size, config.pool) == (
-        2, 3, 24, 14, "mean")
+    assert (config.n_layer, config.n_head, config.n_embd, config.patch_size, config.pool,
+            config.mlp) == (2, 3, 24, 14, "mean", "gelu")
     saved = vit.load_checkpoint("out/vit-fashion.pt")["step"]
     run = ["--train_seconds=0", f"--max_iters={saved + 5}", "--eval_interval=5", "--val_size=50"]
     resumed = vit.main(["--resume", "--checkpoint=out/vit-fashion.pt", *run])
     assert f"resuming at step {saved}" in capsys.readouterr().out
     assert resumed.history[-1][0] == saved + 5 and resumed.model.config.n_embd == 24
     assert not os.path.exists("out/vit-fashion.1.pt")  # a resumed run keeps its own file
+
+
+def test_vit_a_checkpoint_from_before_the_mlp_choice_answers_with_gelu(vit_trained, tmp_path,
+                                                                      capsys):
+    ckpt = torch.load(vit_trained / "out" / "vit-mnist.pt", weights_only=False)
+    del ckpt["config"]["mlp"]  # as the older vit.py saved it: its MLP was always GELU
+    torch.save(ckpt, tmp_path / "old.pt")
+    predicted = vit.main(["--infer", f"--checkpoint={tmp_path / 'old.pt'}",
+                          f"--data_dir={vit_trained / 'data' / 'mnist'}"])
+    assert predicted.model.config.mlp == "gelu"
+    gelu = vit.ViT(vit.ViTConfig(patch_size=7, n_layer=1, n_head=2, n_embd=16, mlp="gelu"))
+    gelu.load_state_dict(ckpt["model"])
+    images = torch.rand(2, 28, 28)
+    assert torch.equal(predicted.model.cpu().eval()(images)[0], gelu.eval()(images)[0])
 
 
 def test_vit_a_second_run_keeps_the_first_runs_checkpoint(vit_home, capsys):
@@ -1183,6 +1199,7 @@ NO_MPS = pytest.mark.skipif(torch.backends.mps.is_available(), reason="this mach
     (["--dataset=cifar"], ["unknown dataset 'cifar'", "mnist, fashion"]),
     (["--patch_size=5"], ["--patch_size must divide 28"]),
     (["--pool=max"], ["--pool must be cls or mean"]),
+    (["--mlp=swiglu"], ["--mlp must be relu2 or gelu"]),
     (["--dtype=int8"], ["--dtype must be"]),
     (["--val_size=120"], ["--val_size=120", "no image to train on"]),
     (["--train_seconds=-5"], ["--train_seconds at least 0"]),
