@@ -1,9 +1,9 @@
 """gpt.py - a character-level GPT, written out in one file you can read top to bottom.
 
 It learns to write Shakespeare one character at a time with a decoder-only Transformer:
-causal self-attention with rotary positions, RMSNorm, a ReLU² MLP, trained with Muon and
-AdamW on a warmup-stable-decay schedule, and sampled with a KV cache. Each modern choice is
-one constant below; flip them all back and you have GPT-2 (2019).
+causal self-attention with rotary positions, RMSNorm, a ReLU² MLP, token shift and capped
+logits, trained with Muon and AdamW on a warmup-stable-decay schedule, and sampled with a KV
+cache. Each modern choice is one constant below; flip them all back and you have GPT-2 (2019).
 
     pip install -r requirements.txt
     python gpt.py                           # train ~5 minutes on a laptop CPU, then write
@@ -48,12 +48,14 @@ n_embd = 128  # width of the residual stream
 block_size = 128  # context length: how many previous characters the model can see
 dropout = 0.0  # small models trained for minutes underfit, so dropout only slows them down
 use_sdpa = True  # fused F.scaled_dot_product_attention; False runs the hand-written attention
-# the modern recipe: set all five to the value in brackets and you have GPT-2
+# the modern recipe: set all seven to the value in brackets and you have GPT-2
 rope = True  # rotary positions: relative, nothing to learn [False: a learned vector per position]
 norm = "rms"  # RMSNorm: scale only, no mean to subtract ["layer": LayerNorm]
 mlp = "relu2"  # ReLU squared: sparse and sharp ["gelu"]
 qk_norm = True  # normalise queries and keys per head: bounded scores allow high learning rates
 tie_weights = False  # untied, zero-initialised output layers [True: head shares the embedding]
+token_shift = True  # half of each block's input comes from the position before [False: none]
+softcap = 30.0  # squash the logits smoothly into (-softcap, softcap): none runs away [0: off]
 # optimisation
 optimizer = "muon"  # Muon for the hidden matrices, AdamW for the rest ["adamw": AdamW for all]
 batch_size = 16  # sequences per micro-step (per process under torchrun)
@@ -182,7 +184,7 @@ class CausalSelfAttention(nn.Module):
         if turn is not None:  # rotary positions enter here, in q and k only (one call for both)
             q, k = rotate(torch.stack([q, k]), *turn)  # 2 x (B, nh, T, hs)
         if cache is not None:  # sampling: prepend the keys and values of the earlier positions
-            if cache:
+            if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)  # (B, nh, L, hs)
                 v = torch.cat([cache["v"], v], dim=2)  # (B, nh, L, hs)
             cache["k"], cache["v"] = k, v
@@ -216,6 +218,20 @@ class MLP(nn.Module):
     def forward(self, x):
         return self.dropout(self.proj(self.act(self.fc(x))))  # (B, T, C)
 
+def shift_tokens(x, cache=None, name=""):
+    """Token shift: the first half of the channels of x (B, T, C) move one position later, so each
+    position also reads the one before it (zeros before the first) at no cost in matmuls: a cheap
+    view of the previous character that attention no longer has to find. While sampling with a
+    cache, cache[name] keeps the last position's half for the next call."""
+    half = x.size(-1) // 2
+    before = cache.get(name) if cache is not None else None  # (B, 1, C/2) or None
+    if before is None:
+        before = torch.zeros_like(x[:, :1, :half])  # (B, 1, C/2): nothing precedes position 0
+    if cache is not None:
+        cache[name] = x[:, -1:, :half]
+    moved = torch.cat([before, x[:, :-1, :half]], dim=1)  # (B, T, C/2), each from one step back
+    return torch.cat([moved, x[..., half:]], dim=-1)  # (B, T, C)
+
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
@@ -225,10 +241,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln2 = make_norm(config.norm, config.n_embd)
         self.mlp = MLP(config)
+        self.token_shift = config.token_shift
 
     def forward(self, x, turn, cache=None):
-        x = x + self.attn(self.ln1(x), turn, cache)  # (B, T, C): positions talk to each other
-        x = x + self.mlp(self.ln2(x))  # (B, T, C): each position computes alone
+        h = shift_tokens(self.ln1(x), cache, "attn") if self.token_shift else self.ln1(x)
+        x = x + self.attn(h, turn, cache)  # (B, T, C): positions talk to each other
+        h = shift_tokens(self.ln2(x), cache, "mlp") if self.token_shift else self.ln2(x)
+        x = x + self.mlp(h)  # (B, T, C): each position computes alone
         return x
 
 class GPT(nn.Module):
@@ -264,7 +283,7 @@ class GPT(nn.Module):
         """idx (B, T) -> logits (B, T, V) and the mean cross-entropy, or without targets only the
         last position's logits (B, 1, V). With caches (one per block), idx holds new positions."""
         B, T = idx.shape
-        start = caches[0]["k"].size(2) if caches and caches[0] else 0  # positions already cached
+        start = caches[0]["k"].size(2) if caches and "k" in caches[0] else 0  # already cached
         x = self.tok_emb(idx)  # (B, T, C)
         turn = None  # rotary: the cos and sin each block turns its queries and keys by
         if self.config.rope:
@@ -274,10 +293,13 @@ class GPT(nn.Module):
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, turn, caches[i] if caches is not None else None)  # (B, T, C)
-        x = self.ln_f(x)  # (B, T, C)
         if targets is None:
-            return self.head(x[:, -1:, :]), None  # (B, 1, V): only the last one predicts the next
-        logits = self.head(x)  # (B, T, V)
+            x = x[:, -1:, :]  # (B, 1, C): without targets only the last position predicts the next
+        logits = self.head(self.ln_f(x))  # (B, T, V)
+        if self.config.softcap:  # a smooth clamp: near-identity for small logits
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if targets is None:
+            return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1))
         return logits, loss
 
@@ -522,7 +544,7 @@ def plot_losses(history, width=60, height=12):
 # main
 
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "rope", "norm", "mlp", "qk_norm",
-              "tie_weights")  # the settings that fix the model's shape: a checkpoint holds them
+              "tie_weights", "token_shift", "softcap")  # they fix the model: a checkpoint holds them
 
 def main(argv=(), **overrides):
     """Train, report and sample (or, with --infer, only sample from the checkpoint) -> namespace.
@@ -640,6 +662,7 @@ def check_config(cfg):
         (cfg.top_k < 0 or cfg.num_chars < 0, "--top_k and --num_chars must be 0 or more"),
         (cfg.infer and not cfg.prompt, "--prompt is empty; give at least one character"),
         (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must lie in (0, 1]"),
+        (cfg.softcap < 0, "--softcap must be 0 (off) or more"),
     ] + [(getattr(cfg, name) not in allowed, f"--{name} must be one of {', '.join(allowed)}")
          for name, allowed in choices.items()]
     for bad, message in problems:
@@ -738,6 +761,8 @@ def load_checkpoint(path):
                         f"point --checkpoint at one of {script}'s")
     if "optimizers" not in ckpt or "data" not in ckpt:
         raise UserError(f"{path!r} was written by an older {script}; train it again")
+    for name, before in (("token_shift", False), ("softcap", 0.0)):  # switches added later
+        ckpt["config"].setdefault(name, before)
     return ckpt
 
 def restore_training(ckpt, optimizers, generator, run):

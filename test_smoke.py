@@ -115,7 +115,8 @@ def exec_as_notebook_cell(script, edits, cwd, monkeypatch):
 
 TINY_GPT = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, train_seconds=0,
                 eval_iters=2, log_interval=5, num_chars=20, warmup_iters=5)
-GPT2 = dict(rope=False, norm="layer", mlp="gelu", qk_norm=False, tie_weights=False)
+GPT2 = dict(rope=False, norm="layer", mlp="gelu", qk_norm=False, tie_weights=False,
+            token_shift=False, softcap=0.0)
 
 
 @pytest.fixture
@@ -225,14 +226,34 @@ def test_gpt_with_every_switch_at_gpt2_is_the_classic_model():
 
 
 @pytest.mark.parametrize("switch", ["none", "rope", "norm", "mlp", "qk_norm", "tie_weights",
-                                    "optimizer", "schedule", "all"])
+                                    "token_shift", "softcap", "optimizer", "schedule", "all"])
 def test_gpt_every_switch_combination_trains(shakespeare, tmp_path, switch):
-    back = {"rope": False, "norm": "layer", "mlp": "gelu", "qk_norm": False, "tie_weights": True,
-            "optimizer": "adamw", "schedule": "cosine"}
+    back = {**GPT2, "tie_weights": True, "optimizer": "adamw", "schedule": "cosine"}
     flips = back if switch == "all" else {switch: back[switch]} if switch in back else {}
     result = run_gpt(shakespeare, tmp_path, max_iters=30, eval_interval=10, num_chars=0, **flips)
     losses = [h[2] for h in result.history]
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_gpt_token_shift_hands_half_the_channels_one_position_on():
+    x = torch.randn(2, 5, 8)
+    shifted = gpt.shift_tokens(x)
+    assert torch.equal(shifted[:, 1:, :4], x[:, :-1, :4])  # the first half: one step later
+    assert torch.equal(shifted[:, :1, :4], torch.zeros(2, 1, 4))  # nothing before position 0
+    assert torch.equal(shifted[..., 4:], x[..., 4:])  # the second half stays
+    cache = {}
+    pieces = [gpt.shift_tokens(x[:, :3], cache, "a")] + [
+        gpt.shift_tokens(x[:, t:t + 1], cache, "a") for t in (3, 4)]  # as the KV cache reads it
+    assert torch.equal(torch.cat(pieces, dim=1), shifted)
+
+
+def test_gpt_softcap_bounds_the_logits():
+    model = tiny_gpt(softcap=5.0)
+    for p in model.parameters():
+        p.data.mul_(10)  # large weights, large logits
+    x = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(7))
+    assert model(x, x)[0].abs().max() <= 5.0  # tanh saturates at exactly 1 in float32
+    assert model(x, x)[0].abs().max() > 4.0  # ... where the uncapped logits would go past it
 
 
 def test_gpt_muon_update_has_singular_values_near_one():
@@ -317,6 +338,16 @@ def test_gpt_a_checkpoint_from_an_older_gpt_py_is_refused_in_one_line(tmp_path):
         gpt.main(["--infer", f"--checkpoint={old}"])
 
 
+def test_gpt_a_checkpoint_from_before_token_shift_and_softcap_samples_without_them(
+        shakespeare, tmp_path):
+    run_gpt(shakespeare, tmp_path, max_iters=5, eval_interval=5, token_shift=False, softcap=0.0)
+    ckpt = torch.load(tmp_path / "gpt.pt", weights_only=False)
+    del ckpt["config"]["token_shift"], ckpt["config"]["softcap"]  # as the older gpt.py saved it
+    torch.save(ckpt, tmp_path / "old.pt")
+    result = gpt.main(["--infer", f"--checkpoint={tmp_path / 'old.pt'}", "--num_chars=5"])
+    assert result.cfg.token_shift is False and result.cfg.softcap == 0.0
+
+
 def test_gpt_a_second_run_keeps_the_first_runs_checkpoint(shakespeare, tmp_path):
     first = run_gpt(shakespeare, tmp_path, max_iters=10, eval_interval=10)
     saved = torch.load(tmp_path / "gpt.pt", weights_only=False)
@@ -364,6 +395,7 @@ def test_gpt_help_shows_the_values_and_comments():
     (["--temperature=-1"], ["--temperature"]),
     (["--num_chars=-5"], ["--num_chars"]),
     (["--norm=batch"], ["--norm must be one of rms, layer"]),
+    (["--softcap=-1"], ["--softcap must be 0 (off) or more"]),
     (["--checkpoint=somedir/"], ["is a folder"]),
     (["--checkpoint=input.txt/gpt.pt"], ["cannot write checkpoints in 'input.txt'"]),
     (["--infer", "--checkpoint=input.txt"], ["not a readable checkpoint"]),
