@@ -543,8 +543,9 @@ def plot_losses(history, width=60, height=12):
 # -----------------------------------------------------------------------------
 # main
 
+# the settings that fix the model: a checkpoint holds them
 MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "rope", "norm", "mlp", "qk_norm",
-              "tie_weights", "token_shift", "softcap")  # they fix the model: a checkpoint holds them
+              "tie_weights", "token_shift", "softcap")
 
 def main(argv=(), **overrides):
     """Train, report and sample (or, with --infer, only sample from the checkpoint) -> namespace.
