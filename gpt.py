@@ -1,8 +1,8 @@
 """gpt.py - a character-level GPT, written out in one file you can read top to bottom.
 
 It learns to write Shakespeare one character at a time with a decoder-only Transformer:
-causal self-attention with rotary positions, RMSNorm, a ReLU² MLP, token shift and capped
-logits, trained with Muon and AdamW on a warmup-stable-decay schedule, and sampled with a KV
+causal self-attention with rotary positions, RMSNorm, QK-norm, token shift and capped logits,
+trained with Muon and AdamW on a warmup-stable-decay schedule, and sampled with a KV
 cache. Each modern choice is one constant below; flip them all back and you have GPT-2 (2019).
 
     pip install -r requirements.txt
@@ -48,10 +48,10 @@ n_embd = 128  # width of the residual stream
 block_size = 128  # context length: how many previous characters the model can see
 dropout = 0.0  # small models trained for minutes underfit, so dropout only slows them down
 use_sdpa = True  # fused F.scaled_dot_product_attention; False runs the hand-written attention
-# the modern recipe: set all seven to the value in brackets and you have GPT-2
+mlp = "gelu"  # GPT-2's GELU; "relu2" (ReLU squared, vit.py's) learned slower here with token shift
+# the modern recipe: set these six and optimizer and schedule to the value in brackets: GPT-2
 rope = True  # rotary positions: relative, nothing to learn [False: a learned vector per position]
 norm = "rms"  # RMSNorm: scale only, no mean to subtract ["layer": LayerNorm]
-mlp = "relu2"  # ReLU squared: sparse and sharp ["gelu"]
 qk_norm = True  # normalise queries and keys per head: bounded scores allow high learning rates
 tie_weights = False  # untied, zero-initialised output layers [True: head shares the embedding]
 token_shift = True  # half of each block's input comes from the position before [False: none]
