@@ -48,11 +48,11 @@ n_embd = 128  # width of the residual stream
 block_size = 128  # context length: how many previous characters the model can see
 dropout = 0.0  # small models trained for minutes underfit, so dropout only slows them down
 use_sdpa = True  # fused F.scaled_dot_product_attention; False runs the hand-written attention
-mlp = "gelu"  # GPT-2's GELU; "relu2" (ReLU squared, vit.py's) learned slower here with token shift
-# the modern recipe: set these six and optimizer and schedule to the value in brackets: GPT-2
+mlp = "gelu"  # GPT-2's GELU; "relu2" (ReLU squared, vit.py's choice) did worse here
+# the modern recipe: these six, and optimizer and schedule below, at the value in brackets: GPT-2
 rope = True  # rotary positions: relative, nothing to learn [False: a learned vector per position]
 norm = "rms"  # RMSNorm: scale only, no mean to subtract ["layer": LayerNorm]
-qk_norm = True  # normalise queries and keys per head: bounded scores allow high learning rates
+qk_norm = True  # normalise queries and keys per head: bounded scores, higher rates [False]
 tie_weights = False  # untied, zero-initialised output layers [True: head shares the embedding]
 token_shift = True  # half of each block's input comes from the position before [False: none]
 softcap = 30.0  # squash the logits smoothly into (-softcap, softcap): none runs away [0: off]
