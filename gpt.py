@@ -45,6 +45,7 @@ val_fraction = 0.1  # the last 10% of the text is held out (a fraction: the text
 n_layer = 4  # number of Transformer blocks
 n_head = 4  # attention heads per block; each head sees n_embd // n_head channels
 n_embd = 128  # width of the residual stream
+mlp_ratio = 3  # the MLP widens to mlp_ratio * n_embd; GPT-2's 4 gets fewer steps into 5 minutes
 block_size = 128  # context length: how many previous characters the model can see
 dropout = 0.0  # small models trained for minutes underfit, so dropout only slows them down
 use_sdpa = True  # fused F.scaled_dot_product_attention; False runs the hand-written attention
@@ -60,9 +61,9 @@ softcap = 30.0  # squash the logits smoothly into (-softcap, softcap): none runs
 optimizer = "muon"  # Muon for the hidden matrices, AdamW for the rest ["adamw": AdamW for all]
 batch_size = 16  # sequences per micro-step (per process under torchrun)
 grad_accum = 1  # micro-steps per optimizer step; batch_size * grad_accum sequences per step
-learning_rate = 6e-3  # AdamW's peak learning rate; tiny models tolerate a high one
-muon_lr = 0.025  # Muon's peak learning rate (its updates are orthogonalised: another scale)
-min_lr = 6e-4  # the schedule ends at this (1/10 of the peak); Muon's ends at the same fraction
+learning_rate = 8e-3  # AdamW's peak learning rate; tiny models tolerate a high one
+muon_lr = 0.03  # Muon's peak learning rate (its updates are orthogonalised: another scale)
+min_lr = 6e-4  # the schedule ends at this (under 1/10 of the peak); Muon's at the same fraction
 schedule = "wsd"  # warmup, stable at the peak, then a linear decay ["cosine": GPT-2's]
 decay_fraction = 0.4  # wsd: the last 40% of training decays to min_lr
 warmup_iters = 100  # linear warmup steps: Adam's statistics are poor for the first steps
@@ -206,12 +207,12 @@ class CausalSelfAttention(nn.Module):
         return self.dropout(self.proj(y))  # (B, T, C)
 
 class MLP(nn.Module):
-    """Each position thinks on its own: widen 4x, a nonlinearity, narrow back."""
+    """Each position thinks on its own: widen mlp_ratio times, a nonlinearity, narrow back."""
 
     def __init__(self, config):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.fc = nn.Linear(config.n_embd, config.mlp_ratio * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.mlp_ratio * config.n_embd, config.n_embd, bias=False)
         self.act = (lambda h: F.relu(h).square()) if config.mlp == "relu2" else F.gelu
         self.dropout = nn.Dropout(config.dropout)
 
@@ -544,8 +545,8 @@ def plot_losses(history, width=60, height=12):
 # main
 
 # the settings that fix the model: a checkpoint holds them
-MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "rope", "norm", "mlp", "qk_norm",
-              "tie_weights", "token_shift", "softcap")
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "mlp_ratio", "block_size", "rope", "norm", "mlp",
+              "qk_norm", "tie_weights", "token_shift", "softcap")
 
 def main(argv=(), **overrides):
     """Train, report and sample (or, with --infer, only sample from the checkpoint) -> namespace.
@@ -664,6 +665,7 @@ def check_config(cfg):
         (cfg.infer and not cfg.prompt, "--prompt is empty; give at least one character"),
         (not 0 < cfg.decay_fraction <= 1, "--decay_fraction must lie in (0, 1]"),
         (cfg.softcap < 0, "--softcap must be 0 (off) or more"),
+        (cfg.mlp_ratio < 1, "--mlp_ratio must be at least 1"),
     ] + [(getattr(cfg, name) not in allowed, f"--{name} must be one of {', '.join(allowed)}")
          for name, allowed in choices.items()]
     for bad, message in problems:
@@ -762,7 +764,7 @@ def load_checkpoint(path):
                         f"point --checkpoint at one of {script}'s")
     if "optimizers" not in ckpt or "data" not in ckpt:
         raise UserError(f"{path!r} was written by an older {script}; train it again")
-    for name, before in (("token_shift", False), ("softcap", 0.0)):  # switches added later
+    for name, before in (("token_shift", False), ("softcap", 0.0), ("mlp_ratio", 4)):  # added later
         ckpt["config"].setdefault(name, before)
     return ckpt
 

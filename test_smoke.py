@@ -116,7 +116,7 @@ def exec_as_notebook_cell(script, edits, cwd, monkeypatch):
 TINY_GPT = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, batch_size=8, train_seconds=0,
                 eval_iters=2, log_interval=5, num_chars=20, warmup_iters=5)
 GPT2 = dict(rope=False, norm="layer", mlp="gelu", qk_norm=False, tie_weights=False,
-            token_shift=False, softcap=0.0)
+            token_shift=False, softcap=0.0, mlp_ratio=4)
 
 
 @pytest.fixture
@@ -233,7 +233,8 @@ def test_gpt_every_switch_combination_trains(shakespeare, tmp_path, switch):
     flips = back if switch == "all" else {switch: other[switch]} if switch in other else {}
     result = run_gpt(shakespeare, tmp_path, max_iters=30, eval_interval=10, num_chars=0, **flips)
     losses = [h[2] for h in result.history]
-    assert losses[-1] < losses[0] - 0.1, losses
+    uniform = math.log(len(result.tokenizer.chars))  # a uniform guess: about where each starts
+    assert losses[-1] < uniform - 0.5, losses  # at least the character frequencies are learnt
 
 
 def test_gpt_token_shift_hands_half_the_channels_one_position_on():
@@ -339,14 +340,16 @@ def test_gpt_a_checkpoint_from_an_older_gpt_py_is_refused_in_one_line(tmp_path):
         gpt.main(["--infer", f"--checkpoint={old}"])
 
 
-def test_gpt_a_checkpoint_from_before_token_shift_and_softcap_samples_without_them(
+def test_gpt_a_checkpoint_from_before_token_shift_softcap_and_mlp_ratio_samples_as_trained(
         shakespeare, tmp_path):
-    run_gpt(shakespeare, tmp_path, max_iters=5, eval_interval=5, token_shift=False, softcap=0.0)
+    run_gpt(shakespeare, tmp_path, max_iters=5, eval_interval=5, token_shift=False, softcap=0.0,
+            mlp_ratio=4)
     ckpt = torch.load(tmp_path / "gpt.pt", weights_only=False)
-    del ckpt["config"]["token_shift"], ckpt["config"]["softcap"]  # as the older gpt.py saved it
+    for name in ("token_shift", "softcap", "mlp_ratio"):  # as the older gpt.py saved it
+        del ckpt["config"][name]
     torch.save(ckpt, tmp_path / "old.pt")
     result = gpt.main(["--infer", f"--checkpoint={tmp_path / 'old.pt'}", "--num_chars=5"])
-    assert result.cfg.token_shift is False and result.cfg.softcap == 0.0
+    assert (result.cfg.token_shift, result.cfg.softcap, result.cfg.mlp_ratio) == (False, 0.0, 4)
 
 
 def test_gpt_a_second_run_keeps_the_first_runs_checkpoint(shakespeare, tmp_path):
@@ -397,6 +400,7 @@ def test_gpt_help_shows_the_values_and_comments():
     (["--num_chars=-5"], ["--num_chars"]),
     (["--norm=batch"], ["--norm must be one of rms, layer"]),
     (["--softcap=-1"], ["--softcap must be 0 (off) or more"]),
+    (["--mlp_ratio=0"], ["--mlp_ratio must be at least 1"]),
     (["--checkpoint=somedir/"], ["is a folder"]),
     (["--checkpoint=input.txt/gpt.pt"], ["cannot write checkpoints in 'input.txt'"]),
     (["--infer", "--checkpoint=input.txt"], ["not a readable checkpoint"]),
