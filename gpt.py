@@ -3,7 +3,8 @@
 It learns to write Shakespeare one character at a time with a decoder-only Transformer:
 causal self-attention with rotary positions, RMSNorm, QK-norm, token shift and capped logits,
 trained with Muon and AdamW on a warmup-stable-decay schedule, and sampled with a KV
-cache. Each modern choice is one constant below; flip them all back and you have GPT-2 (2019).
+cache. Each modern choice is one constant below; flip them all back, with mlp_ratio = 4, and
+you have GPT-2 (2019).
 
     pip install -r requirements.txt
     python gpt.py                           # train ~5 minutes on a laptop CPU, then write
