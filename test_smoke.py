@@ -315,6 +315,18 @@ def test_gpt_resume_continues_exactly_where_it_stopped(shakespeare, tmp_path, mo
                   f"--input_file={shakespeare}"])
 
 
+def test_gpt_sampling_into_a_reader_that_stops_early_ends_quietly(shakespeare, tmp_path):
+    run_gpt(shakespeare, tmp_path, max_iters=2, eval_interval=2)
+    sampler = subprocess.Popen([sys.executable, "gpt.py", "--infer", "--num_chars=20000",
+                                f"--checkpoint={tmp_path / 'gpt.pt'}"], cwd=HERE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert sampler.stdout.readline().startswith(b"sampling from")
+    sampler.stdout.close()  # stop reading mid-sample, as `python gpt.py --infer | head -1` does
+    stderr = sampler.stderr.read().decode()
+    assert sampler.wait(timeout=60) == 1  # it was still writing: the closed pipe was hit
+    assert stderr == "", stderr  # no traceback, not even Python's "Exception ignored" at exit
+
+
 def test_gpt_checkpoint_carries_its_model_and_refuses_contradictions(shakespeare, tmp_path,
                                                                      capsys):
     trained = run_gpt(shakespeare, tmp_path, max_iters=10, eval_interval=10, n_layer=3)

@@ -817,3 +817,6 @@ if __name__ == "__main__":
         print("\ninterrupted; the best checkpoint so far is kept", file=sys.stderr)
         if not in_notebook():
             sys.exit(130)
+    except BrokenPipeError:  # the reader stopped early (e.g. | head): quietly, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        sys.exit(1)
