@@ -376,7 +376,7 @@ class Muon(torch.optim.Optimizer):
 
 def orthogonalise(g, steps=5):
     """U V^T of g = U S V^T, roughly, by Newton-Schulz: matmuls only, no SVD. Each step maps every
-    singular value s to a s + b s^3 + c s^5, which pulls all of them into ~0.7-1.2."""
+    singular value s to a s + b s^3 + c s^5, which pulls all but the tiniest into ~0.7-1.2."""
     x = g.T if g.size(0) > g.size(1) else g  # (r, c) with r <= c: the Gram matrix is the small side
     x = x / (x.norm() + 1e-7)  # the Frobenius norm bounds the largest singular value: all <= 1
     for _ in range(steps):
